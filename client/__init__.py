@@ -1,0 +1,1 @@
+"""The edge device: record store, learning, unlearning and ONNX inference."""

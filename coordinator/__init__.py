@@ -1,0 +1,1 @@
+"""The coordinator: Flower ServerApp, scheduling, aggregation, state and the deletion API."""

@@ -1,0 +1,1 @@
+"""Model definitions and life cycle: corpus, tokenizer, default model, loading, ONNX export."""

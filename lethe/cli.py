@@ -1,0 +1,176 @@
+"""The `lethe` command: one entry point whose sub-commands call into the parts.
+
+Each command parses its options, calls one function of `client`,
+`coordinator`, `edge_models` or `lethe.bench`, and prints the result; no
+behaviour lives here that a test could not reach through those functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shared.paths import DataDir, default_data_dir
+
+app = typer.Typer(
+    help="Lethe: federated continual learning for edge devices that can also forget.",
+    no_args_is_help=True,
+)
+model_app = typer.Typer(help="Build and inspect edge models.", no_args_is_help=True)
+corpus_app = typer.Typer(help="The synthetic corpus.", no_args_is_help=True)
+client_app = typer.Typer(help="The edge device: records and inference.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that write JSON.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(corpus_app, name="corpus")
+app.add_typer(client_app, name="client")
+app.add_typer(bench_app, name="bench")
+
+console = Console()
+err_console = Console(stderr=True)
+
+DataDirOption = Annotated[
+    Path | None,
+    typer.Option("--data-dir", help="Data directory (default: $LETHE_DATA_DIR or ~/.lethe)."),
+]
+DeviceOption = Annotated[str, typer.Option(help="Compute device: auto, cpu, cuda or cuda:N.")]
+
+
+def _data_dir(path: Path | None) -> DataDir:
+    return DataDir(path or default_data_dir()).ensure()
+
+
+def _fail(message: str) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code=1)
+
+
+@model_app.command("build")
+def model_build(
+    data_dir: DataDirOption = None,
+    seed: Annotated[int, typer.Option(help="Seed of the corpus and of training.")] = 0,
+    steps: Annotated[
+        int | None, typer.Option(help="Training steps (default: the build config's).")
+    ] = None,
+    device: DeviceOption = "auto",
+) -> None:
+    """Train the default model on the synthetic corpus and publish it as a new version."""
+    from edge_models.default_model import BuildConfig, build_default_model
+
+    config = BuildConfig(seed=seed, device=device)
+    if steps is not None:
+        config = dataclasses.replace(config, steps=steps)
+    version, report = build_default_model(_data_dir(data_dir).models, config, log=err_console.print)
+    table = Table(title=f"default model v{version.version}  ({version.path})")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, value in dataclasses.asdict(report).items():
+        table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+    table.add_row("checksum", version.checksum[:16])
+    console.print(table)
+
+
+@model_app.command("info")
+def model_info(
+    name: Annotated[str, typer.Argument(help="Stored model name.")] = "default",
+    data_dir: DataDirOption = None,
+) -> None:
+    """Show the current version of a stored model and verify its checksums."""
+    from edge_models.model_store import ModelIntegrityError, current, verify
+
+    try:
+        version = current(_data_dir(data_dir).models, name)
+        verify(version)
+    except (FileNotFoundError, ModelIntegrityError) as exc:
+        raise _fail(str(exc)) from exc
+    console.print_json(
+        json.dumps(
+            {
+                "name": version.name,
+                "version": version.version,
+                "path": str(version.path),
+                "checksum": version.checksum,
+                "metadata": version.metadata,
+            }
+        )
+    )
+
+
+@corpus_app.command("stream")
+def corpus_stream(
+    out: Annotated[Path, typer.Option(help="JSON-lines file to write.")],
+    device: Annotated[int, typer.Option(help="Which device's stream (0-based).")] = 0,
+    devices: Annotated[int, typer.Option(help="How many devices share the private subjects.")] = 3,
+    alpha: Annotated[float, typer.Option(help="Dirichlet concentration of domain skew.")] = 0.5,
+    seed: int = 0,
+) -> None:
+    """Write one device's record stream (ingest format) from the synthetic corpus."""
+    from edge_models.corpus import build_corpus, device_stream, partition
+
+    corpus = build_corpus(seed)
+    parts = partition(corpus, devices, alpha=alpha, seed=seed)
+    if not 0 <= device < devices:
+        raise _fail(f"--device must be in 0..{devices - 1}")
+    records = device_stream(corpus, parts[device], seed=seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    console.print(
+        f"wrote {len(records)} records of {len(parts[device].subject_ids)} subjects to {out}"
+    )
+
+
+@client_app.command("ingest")
+def client_ingest(
+    file: Annotated[
+        Path, typer.Argument(help="JSON-lines file of records.", exists=True, dir_okay=False)
+    ],
+    data_dir: DataDirOption = None,
+) -> None:
+    """Store a file of records, each encrypted under its subject's key (all or nothing)."""
+    from client.record_store import RecordStore, RecordStoreError
+    from shared.records import RecordFileError
+
+    paths = _data_dir(data_dir)
+    try:
+        with RecordStore.open(paths.record_db, paths.master_key) as store:
+            report = store.ingest_file(file)
+            total = store.count()
+    except RecordFileError as exc:
+        for line, reason in exc.errors:
+            err_console.print(f"{file}:{line}: {reason}")
+        raise _fail(f"{file} rejected: {exc.bad_lines} bad line(s); nothing was stored") from exc
+    except RecordStoreError as exc:
+        raise _fail(str(exc)) from exc
+    console.print(
+        f"stored {report.accepted} new record(s) of {report.subjects} subject(s) "
+        f"({report.duplicates} duplicate(s) skipped); the device holds {total} record(s)"
+    )
+
+
+@client_app.command("delete-subject")
+def client_delete_subject(
+    subject_id: Annotated[str, typer.Argument(help="The subject whose records to destroy.")],
+    data_dir: DataDirOption = None,
+) -> None:
+    """Destroy a subject's key and records on this device (crypto-shredding)."""
+    from client.record_store import RecordStore, RecordStoreError
+
+    paths = _data_dir(data_dir)
+    try:
+        with RecordStore.open(paths.record_db, paths.master_key) as store:
+            report = store.delete_subject(subject_id)
+    except RecordStoreError as exc:
+        raise _fail(str(exc)) from exc
+    console.print(
+        f"destroyed subject {report.subject_hash[:16]}: {report.records_deleted} record(s), "
+        f"key epoch now {report.key_epoch}"
+    )
+
+
+def main() -> None:
+    app()

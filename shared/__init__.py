@@ -1,0 +1,1 @@
+"""What the coordinator and the devices both speak: schemas, crypto, devices, paths."""
