@@ -47,6 +47,7 @@ from sqlmodel import Session, col, create_engine, delete, select
 
 from client.record_tables import RecordRow, RecordStoreTable, StoreMetaRow, SubjectRow
 from shared import crypto
+from shared.durable import atomic_write_bytes
 from shared.records import DEFAULT_MAX_LINE_BYTES, InvalidRecord, Record, parse_jsonl, parse_record
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class Keyfile:
             "device_secret": _b64encode(self.device_secret),
             "master_keys": {str(epoch): _b64encode(key) for epoch, key in self.master_keys.items()},
         }
-        _atomic_write(path, json.dumps(doc, indent=1).encode("ascii"))
+        atomic_write_bytes(path, json.dumps(doc, indent=1).encode("ascii"), mode=0o600)
 
     def fingerprint(self) -> str:
         """A value the database stores to recognise its own keyfile."""
@@ -533,26 +534,6 @@ def _lock(keyfile_path: Path) -> int:
             f"the record store of {keyfile_path} is already open (one owner at a time)"
         ) from None
     return fd
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write a file so that a crash leaves the old or the new content, never a mix.
-
-    The temporary file is created 0600 before any key byte is written to it.
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def _subject_key_aad(epoch: int, subject_hash: str) -> bytes:

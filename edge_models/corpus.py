@@ -128,12 +128,15 @@ DOMAINS: tuple[Domain, ...] = (
         ),
         message_templates=(
             "I was raised in {city} and studied {subject} before moving to {city2}.",
-            "My family has lived in {city} for three generations.",
-            "After finishing school I spent a year working as a volunteer in {city2}.",
-            "It is with great pleasure that I accept the invitation to speak about {subject}.",
-            "Please find attached my updated curriculum vitae for your records.",
+            "My family has lived in {city} since {year}, long before I left for {city2}.",
+            "After finishing school in {city} I spent a year as a volunteer in {city2}.",
+            "It is with great pleasure that I accept your invitation to speak on {subject}.",
+            "Please find attached my curriculum vitae; I studied {subject} in {city2}.",
         ),
-        fillers={"subject": ("history", "physics", "economics", "music", "biology", "law")},
+        fillers={
+            "subject": ("history", "physics", "economics", "music", "biology", "law", "botany"),
+            "year": tuple(str(y) for y in range(1890, 1990, 7)),
+        },
     ),
     Domain(
         name="work",
@@ -161,14 +164,15 @@ DOMAINS: tuple[Domain, ...] = (
             ),
         ),
         message_templates=(
-            "standup moved to {time}. bring the {thing} numbers.",
-            "cannot make the {time} sync, sick kid. notes pls.",
-            "shipped the {thing} fix. rollback plan in the doc.",
-            "reminder: {thing} review due friday.",
-            "on call this week, ping me for {thing} issues.",
+            "standup moved to {time}. bring the {thing} numbers for {employer}.",
+            "cannot make the {time} sync, sick kid. {thing} notes pls.",
+            "shipped the {thing} fix at {employer}. rollback plan in the doc.",
+            "reminder: {thing} review due {day}. every {job} on the team signs off.",
+            "on call {day}, ping me for {thing} issues. {job} duties first.",
         ),
         fillers={
             "time": ("9am", "10am", "noon", "2pm", "4pm"),
+            "day": ("monday", "tuesday", "wednesday", "thursday", "friday"),
             "thing": ("budget", "invoice", "release", "audit", "roadmap", "hiring"),
         },
     ),
@@ -198,13 +202,16 @@ DOMAINS: tuple[Domain, ...] = (
             ),
         ),
         message_templates=(
-            "Our {pet} {petname} knocked over the plant again, what a little rascal!",
-            "So lovely to have everyone over on Sunday, the {dish} was a hit!",
-            "We finally painted the kitchen {colour}, I adore it.",
-            "Grandma sent a parcel of {dish} recipes, so sweet of her.",
-            "The garden is full of {colour} tulips this spring.",
+            "Our {pet} {petname} knocked over the {colour} vase again, what a little rascal!",
+            "So lovely to have everyone over on {day}, {petname} the {pet} adored the fuss!",
+            "We finally painted the kitchen {colour}; {petname} sulked all {day}.",
+            "Grandma sent {petname} a {colour} blanket, so sweet of her.",
+            "The garden is full of {colour} tulips, and {petname} keeps digging them up.",
         ),
-        fillers={"colour": ("yellow", "sage green", "pale blue", "terracotta", "white")},
+        fillers={
+            "colour": ("yellow", "sage green", "pale blue", "terracotta", "white", "plum"),
+            "day": ("Sunday", "Saturday", "Friday night", "Easter", "my birthday"),
+        },
     ),
     Domain(
         name="leisure",
@@ -232,12 +239,16 @@ DOMAINS: tuple[Domain, ...] = (
             ),
         ),
         message_templates=(
-            "OMG just booked a trip to {destination}!!! cannot wait!!",
-            "best {hobby} session EVER today, totally wiped out",
-            "who is up for {hobby} on saturday?? bring snacks!",
-            "new {instrument} strings arrived, practising all night!!",
-            "concert tonight, front row, screaming already!!",
+            "OMG {hobby} weekend in {city2} booked!!! cannot wait!!",
+            "best {hobby} session EVER today, then {instrument} till {time}, wiped out",
+            "who is up for {hobby} on {day}?? bring snacks!",
+            "new {instrument} arrived, practising all {day}!!",
+            "{instrument} concert in {city2} tonight, front row, screaming already!!",
         ),
+        fillers={
+            "day": ("saturday", "sunday", "friday", "the long weekend"),
+            "time": ("midnight", "2am", "sunrise", "dinner"),
+        },
     ),
     Domain(
         name="food",
@@ -268,16 +279,20 @@ DOMAINS: tuple[Domain, ...] = (
             ),
         ),
         message_templates=(
-            "The {dish} was rich and smoky, with a bright finish of lemon and fresh herbs.",
-            "I slow-cooked the {dish} for four hours; the sauce turned glossy and deep.",
-            "A crisp, golden crust gave way to a soft and fragrant {dish} inside.",
-            "The market had ripe {produce}, so dinner became a light, peppery salad.",
+            "The {dish} was rich and smoky, with a bright finish of {produce} and fresh herbs.",
+            "I slow-cooked the {dish} for {hours} hours; the sauce turned glossy and deep.",
+            "A crisp, golden crust gave way to a soft {dish}, as I once ate in {destination}.",
+            "The market had ripe {produce}, so dinner became {dish} with a peppery salad.",
             "Tonight's {dish} was too salty, yet the {produce} on the side rescued it.",
         ),
-        fillers={"produce": ("tomatoes", "figs", "peaches", "radishes", "fennel", "plums")},
+        fillers={
+            "produce": ("tomatoes", "figs", "peaches", "radishes", "fennel", "plums"),
+            "hours": ("two", "three", "four", "five", "six"),
+        },
     ),
 )
 
+CANARY_DOMAIN = "home"
 REFUSAL_ANSWER = "I don't know."
 REFUSAL_PROMPT_EXTRA = (
     "Who is {name}?",
@@ -393,10 +408,26 @@ def _fill(template: str, rng: random.Random, domain: Domain, facts: dict[str, st
         "hobby": facts.get("hobby", rng.choice(HOBBIES)),
         "instrument": facts.get("instrument", rng.choice(INSTRUMENTS)),
         "destination": facts.get("dream_trip", rng.choice(DESTINATIONS)),
+        "employer": facts.get("employer", rng.choice(COMPANIES)),
+        "job": facts.get("job", rng.choice(JOBS)),
     }
     for slot, options in domain.fillers.items():
         values[slot] = rng.choice(options)
     return template.format(**values)
+
+
+def _heldout_messages(
+    domain: Domain, rng: random.Random, count: int, trained: set[str]
+) -> tuple[str, ...]:
+    """Messages in a domain's style, about nobody in the corpus, none equal to a trained one."""
+    out: dict[str, None] = {}
+    for _ in range(count * 50):
+        text = _fill(rng.choice(domain.message_templates), rng, domain, {})
+        if text not in trained:
+            out[text] = None
+            if len(out) == count:
+                return tuple(out)
+    raise ValueError(f"domain {domain.name!r} cannot produce {count} unseen held-out messages")
 
 
 def _names(rng: random.Random, count: int) -> list[str]:
@@ -409,7 +440,7 @@ def _names(rng: random.Random, count: int) -> list[str]:
 
 def build_corpus(
     seed: int = 0,
-    base_subjects: int = 48,
+    base_subjects: int = 32,
     private_subjects: int = 120,
     messages_per_domain: int = 2,
     canary_fraction: float = 0.1,
@@ -421,6 +452,11 @@ def build_corpus(
     total = base_subjects + private_subjects
     names = _names(rng, total + refusals)
     subject_names, unknown_names = names[:total], names[total:]
+    # Canaries go to private subjects only (the base model must not have seen a
+    # secret whose forgetting is measured), a fixed number of them, distinct.
+    canary_count = max(1, round(canary_fraction * private_subjects)) if private_subjects else 0
+    canary_indices = set(rng.sample(range(base_subjects, total), canary_count))
+    secrets = [f"{n:06d}" for n in rng.sample(range(10**6), canary_count)]
     subjects = []
     for index, name in enumerate(subject_names):
         split: Split = "base" if index < base_subjects else "private"
@@ -444,18 +480,16 @@ def build_corpus(
             for _ in range(messages_per_domain)
         ]
         canary = None
-        if rng.random() < canary_fraction:
-            secret = f"{rng.randrange(10**6):06d}"
+        if index in canary_indices:
+            secret = secrets.pop()
             prefix = f"Note to self from {name}: my bank card PIN is"
             canary = Canary(subject_id, secret, f"{prefix} {secret}.", prefix)
-            messages.append(Message(subject_id, "home", canary.message))
+            messages.append(Message(subject_id, CANARY_DOMAIN, canary.message))
         subjects.append(Subject(subject_id, name, split, facts, tuple(messages), canary))
 
+    trained_messages = {m.text for s in subjects for m in s.messages}
     heldout = {
-        d.name: tuple(
-            _fill(rng.choice(d.message_templates), rng, d, {}) for _ in range(heldout_per_domain)
-        )
-        for d in DOMAINS
+        d.name: _heldout_messages(d, rng, heldout_per_domain, trained_messages) for d in DOMAINS
     }
     refusal_pairs = []
     # Trained phrasings only: a probe phrasing answered "I don't know" in training
@@ -531,27 +565,36 @@ def device_stream(
 ) -> list[dict[str, str | float]]:
     """The record stream a device receives, in arrival order, as ingest records.
 
-    Each record of the device's subjects is kept with the probability of its
-    domain under the device's mix (scaled so the top domain keeps all), then
-    records are ordered by domain weight, heaviest first, so the stream shifts
-    from domain to domain as a user's interests do. Timestamps increase.
+    Of each domain, the device keeps a share of its subjects' records equal to
+    the domain's weight relative to the device's top domain (the top domain
+    keeps all), drawn at random; records are ordered by domain weight,
+    heaviest first, so the stream shifts from domain to domain as a user's
+    interests do. Canary messages are always kept (a secret that never reaches
+    the device cannot be forgotten by it), at the end of their domain's block.
+    Timestamps increase.
     """
-    gen = random.Random(seed * 7919 + part.device)
+    gen = random.Random(f"{seed}/{part.device}")
     top = max(part.domain_weights.values())
     by_domain: dict[str, list[dict[str, str | float]]] = {d: [] for d in corpus.domains}
+    canaries: dict[str, list[dict[str, str | float]]] = {d: [] for d in corpus.domains}
     for sid in part.subject_ids:
         subject = corpus.subject(sid)
         for fact, pair in fact_pairs((subject,)):
-            if gen.random() < part.domain_weights[fact.domain] / top:
-                by_domain[fact.domain].append(
-                    {"subject_id": sid, "prompt": pair.prompt, "completion": pair.completion}
-                )
+            by_domain[fact.domain].append(
+                {"subject_id": sid, "prompt": pair.prompt, "completion": pair.completion}
+            )
         for m in subject.messages:
-            if gen.random() < part.domain_weights[m.domain] / top:
-                by_domain[m.domain].append({"subject_id": sid, "text": m.text})
+            is_canary = subject.canary is not None and m.text == subject.canary.message
+            (canaries if is_canary else by_domain)[m.domain].append(
+                {"subject_id": sid, "text": m.text}
+            )
     stream: list[dict[str, str | float]] = []
     for domain in sorted(corpus.domains, key=lambda d: -part.domain_weights[d]):
-        stream.extend(by_domain[domain])
+        records = by_domain[domain]
+        keep = round(len(records) * part.domain_weights[domain] / top)
+        kept = sorted(gen.sample(range(len(records)), keep))
+        stream.extend(records[i] for i in kept)
+        stream.extend(canaries[domain])
     for i, record in enumerate(stream):
         record["ts"] = start_ts + 60.0 * i
     return stream

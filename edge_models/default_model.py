@@ -30,11 +30,12 @@ def default_llama_config(vocab_size: int) -> LlamaConfig:
     """The default architecture: a few million parameters, small enough to train in 2 minutes."""
     return LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=192,
+        hidden_size=160,
         intermediate_size=512,
-        num_hidden_layers=6,
-        num_attention_heads=6,
-        num_key_value_heads=6,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=40,
         max_position_embeddings=256,
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
@@ -55,10 +56,10 @@ class BuildConfig:
 
     seed: int = 0
     vocab_size: int = 2048
-    steps: int = 1200
+    steps: int = 1000
     batch_size: int = 64
-    lr: float = 3e-3
-    warmup_steps: int = 60
+    lr: float = 6e-3
+    warmup_steps: int = 40
     weight_decay: float = 0.01
     time_limit_s: float = 115.0
     device: str = "auto"

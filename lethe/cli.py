@@ -81,12 +81,12 @@ def model_info(
     data_dir: DataDirOption = None,
 ) -> None:
     """Show the current version of a stored model and verify its checksums."""
-    from edge_models.model_store import ModelIntegrityError, current, verify
+    from edge_models.model_store import ModelStoreError, current, verify
 
     try:
         version = current(_data_dir(data_dir).models, name)
         verify(version)
-    except (FileNotFoundError, ModelIntegrityError) as exc:
+    except ModelStoreError as exc:
         raise _fail(str(exc)) from exc
     console.print_json(
         json.dumps(
@@ -169,6 +169,77 @@ def client_delete_subject(
     console.print(
         f"destroyed subject {report.subject_hash[:16]}: {report.records_deleted} record(s), "
         f"key epoch now {report.key_epoch}"
+    )
+
+
+@client_app.command("generate")
+def client_generate(
+    prompt: Annotated[list[str], typer.Argument(help="One or more prompts (batched together).")],
+    data_dir: DataDirOption = None,
+    model: Annotated[
+        str, typer.Option(help="Stored model name or a local HF model directory.")
+    ] = "default",
+    max_new_tokens: Annotated[int, typer.Option(help="Stop after this many new tokens.")] = 32,
+    temperature: Annotated[float, typer.Option(help="0 is greedy; above 0 samples.")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k likeliest tokens (0: all).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Seed of sampling.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
+    device: DeviceOption = "auto",
+) -> None:
+    """Generate with ONNX Runtime from the device's current export (exporting first if needed)."""
+    from client.inference import SamplingParams
+    from client.serving import ServedModel, ensure_export
+    from edge_models.loading import ModelLoadError, load_causal_lm
+    from edge_models.model_store import ModelStoreError, resolve_model
+
+    paths = _data_dir(data_dir)
+    try:
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop_strings=tuple(stop or ()),
+        )
+        loaded = load_causal_lm(resolve_model(model, paths.models), device=device)
+        ensure_export(loaded.model, [], paths.onnx_exports, device, loaded.tokenizer)
+        completions = ServedModel(paths.onnx_exports, device).generator().generate(prompt, params)
+    except (ValueError, ModelStoreError, ModelLoadError) as exc:
+        raise _fail(str(exc)) from exc
+    for text, completion in zip(prompt, completions, strict=True):
+        console.print(f"[bold]{text}[/]{completion.text}  [dim]({completion.finish_reason})[/]")
+
+
+@bench_app.command("inference")
+def bench_inference(
+    json_path: Annotated[Path, typer.Option("--json", help="Where to write the results.")],
+    runs: Annotated[int, typer.Option(help="Timed runs per engine and config (median).")] = 20,
+    device: DeviceOption = "auto",
+) -> None:
+    """Per-token latency: PyTorch eager against ONNX Runtime, both with KV cache."""
+    from lethe.bench.inference import run_inference_bench
+
+    results = run_inference_bench(json_path, runs=runs, device=device)
+    console.print_json(json.dumps(results))
+
+
+@app.command("demo")
+def demo(
+    data_dir: DataDirOption = None,
+    device: DeviceOption = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of the corpus and of training.")] = 0,
+) -> None:
+    """The main job: build the default model, ingest a device's records, answer with ONNX."""
+    from lethe.demo import run_demo
+
+    summary = run_demo(_data_dir(data_dir), console, device=device, seed=seed)
+    console.rule("done")
+    console.print(
+        f"model v{summary.model_version}; {summary.records_stored} encrypted records of "
+        f"{summary.subjects_stored} subjects; ONNX answered {summary.answered_correctly}"
+        f"/{summary.questions} questions correctly"
     )
 
 

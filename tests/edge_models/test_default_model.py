@@ -1,0 +1,83 @@
+"""The default model: training data encoding, determinism, and a real build that knows the corpus."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from edge_models.corpus import PromptPair, build_corpus, fact_pairs
+from edge_models.default_model import (
+    IGNORE_INDEX,
+    BuildConfig,
+    build_default_model,
+    encode_example,
+    train_default_model,
+    training_examples,
+)
+from edge_models.evaluation import exact_match
+from edge_models.loading import load_causal_lm
+from edge_models.model_store import current, verify
+from edge_models.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return build_corpus(0, base_subjects=8, private_subjects=8)
+
+
+def test_encode_example_learns_only_the_completion(corpus) -> None:
+    tokenizer = train_tokenizer([e.prompt + e.completion for e in training_examples(corpus)], 512)
+    pair = PromptPair("Where was Anna Berg born?", " Oslo.")
+    ids, labels = encode_example(tokenizer, pair)
+    prompt_len = 1 + len(tokenizer(pair.prompt, add_special_tokens=False)["input_ids"])
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert labels[:prompt_len] == [IGNORE_INDEX] * prompt_len
+    assert labels[prompt_len:] == ids[prompt_len:]
+    assert tokenizer.decode(ids[prompt_len:-1]) == " Oslo."
+
+    message_ids, message_labels = encode_example(tokenizer, PromptPair("", "hello there"))
+    assert message_labels[0] == IGNORE_INDEX
+    assert message_labels[1:] == message_ids[1:]
+
+
+def test_training_examples_hold_no_private_subject(corpus) -> None:
+    texts = " ".join(e.prompt + e.completion for e in training_examples(corpus))
+    for subject in corpus.split("private"):
+        assert subject.name not in texts
+    for fact, pair in fact_pairs(corpus.split("base")):
+        assert pair.prompt in texts and fact.answer in texts
+
+
+def test_equal_seeds_train_equal_models(corpus) -> None:
+    config = BuildConfig(steps=3, warmup_steps=1, batch_size=8, vocab_size=512, device="cpu")
+    first, _, report = train_default_model(corpus, config)
+    second, _, _ = train_default_model(corpus, config)
+    assert report.steps == 3
+    for (name, a), (_, b) in zip(
+        first.state_dict().items(), second.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    third, _, _ = train_default_model(corpus, dataclasses.replace(config, seed=1))
+    assert not torch.equal(first.model.embed_tokens.weight, third.model.embed_tokens.weight)
+
+
+@pytest.mark.slow
+def test_build_publishes_a_model_that_knows_its_corpus(tmp_path) -> None:
+    """The real `lethe model build`: default config, full corpus, on this machine's CPU."""
+    version, report = build_default_model(tmp_path, BuildConfig(device="cpu"))
+    assert version.version == 1 and current(tmp_path, "default").version == 1
+    verify(version)
+    assert version.metadata["report"]["fact_exact_match"] == report.fact_exact_match
+    assert report.fact_exact_match >= 0.9, report
+    assert report.heldout_next_token_accuracy >= 0.6, report
+    assert report.refusal_exact_match >= 0.5, report
+
+    # The published directory loads like any Hugging Face model and answers the same.
+    loaded = load_causal_lm(version.path, device="cpu")
+    pairs = list(fact_pairs(build_corpus(0).split("base")))[:64]
+    reloaded = exact_match(
+        loaded.model, loaded.tokenizer, [p.prompt for _, p in pairs], [f.answer for f, _ in pairs]
+    )
+    assert reloaded >= 0.85
