@@ -23,19 +23,21 @@ from edge_models.tokenizer import train_tokenizer
 from shared.devices import resolve_torch_device
 
 DEFAULT_MODEL_NAME = "default"
+FACT_REPEATS = 2
 IGNORE_INDEX = -100  # label of positions that carry no loss (transformers convention)
 
 
 def default_llama_config(vocab_size: int) -> LlamaConfig:
-    """The default architecture: a few million parameters, small enough to train in 2 minutes."""
+    """The default architecture: about a million parameters, the most that learns the
+    base corpus to exact recall within the 2-minute build budget on 2 CPU cores."""
     return LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=160,
-        intermediate_size=512,
+        hidden_size=128,
+        intermediate_size=384,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=4,
-        head_dim=40,
+        head_dim=32,
         max_position_embeddings=256,
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
@@ -49,19 +51,23 @@ def default_llama_config(vocab_size: int) -> LlamaConfig:
 class BuildConfig:
     """How `lethe model build` trains the default model.
 
-    A fixed step count (not a time budget) drives the learning-rate schedule,
-    so equal configs give equal models; `time_limit_s` only stops a run on a
-    machine much slower than planned, and the report says so.
+    The learning rate warms up over `warmup_steps`, then follows a cosine to
+    2% of its peak; the schedule's progress is the larger of steps done over
+    `steps` and seconds spent over `time_budget_s`. So a build finishes its
+    whole schedule (the late, low-rate phase is when exact recall appears)
+    within the budget on a slow or busy machine, doing fewer steps there.
+    `time_budget_s=None` makes progress count steps only: equal configs then
+    give equal models, whatever the machine.
     """
 
     seed: int = 0
     vocab_size: int = 2048
-    steps: int = 1000
+    steps: int = 1800
     batch_size: int = 64
-    lr: float = 6e-3
-    warmup_steps: int = 40
+    lr: float = 5e-3
+    warmup_steps: int = 60
     weight_decay: float = 0.01
-    time_limit_s: float = 115.0
+    time_budget_s: float | None = 100.0
     device: str = "auto"
 
 
@@ -77,7 +83,7 @@ class BuildReport:
     probe_exact_match: float  # paraphrases never trained
     refusal_exact_match: float  # unknown people, held-out prompts: "I don't know."
     heldout_next_token_accuracy: float  # held-out messages of every domain
-    stopped_by_time_limit: bool
+    ended_by_time_budget: bool  # fewer than `steps` steps fitted in the budget
 
 
 def training_examples(corpus: Corpus) -> list[PromptPair]:
@@ -86,7 +92,10 @@ def training_examples(corpus: Corpus) -> list[PromptPair]:
     A message is a pair with an empty prompt: the whole text is its target.
     """
     base = corpus.split("base")
-    examples = [pair for _, pair in fact_pairs(base)]
+    facts = [pair for _, pair in fact_pairs(base)]
+    # Facts twice per epoch: they are what the model must know exactly, while
+    # messages only teach each domain's language.
+    examples = facts * FACT_REPEATS
     examples += [PromptPair("", m.text) for s in base for m in s.messages]
     examples += list(corpus.refusals_train)
     return examples
@@ -148,49 +157,45 @@ def train_default_model(
     torch.manual_seed(config.seed)
     device = resolve_torch_device(config.device)
     examples = training_examples(corpus)
-    heldout = [m for ms in corpus.heldout_messages.values() for m in ms]
-    tokenizer = train_tokenizer(
-        [e.prompt + e.completion for e in examples] + heldout, config.vocab_size
-    )
+    tokenizer = train_tokenizer([e.prompt + e.completion for e in examples], config.vocab_size)
     model = LlamaForCausalLM(default_llama_config(len(tokenizer))).to(device)
     encoded = [encode_example(tokenizer, e) for e in examples]
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=config.weight_decay
     )
 
-    def lr_factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     gen = torch.Generator().manual_seed(config.seed)
     batches = _batches(encoded, config.batch_size, tokenizer.pad_token_id, gen)
     model.train()
     started = time.perf_counter()
     loss_value = float("nan")
     step = 0
-    stopped = False
-    for step in range(1, config.steps + 1):
+    progress = 0.0
+    while progress < 1.0:
+        lr_factor = (
+            (step + 1) / config.warmup_steps
+            if step < config.warmup_steps
+            else 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress))
+        )
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * lr_factor
         ids, mask, labels = (t.to(device) for t in next(batches))
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        scheduler.step()
+        step += 1
         loss_value = loss.detach().item()
+        elapsed = time.perf_counter() - started
+        progress = step / config.steps
+        if config.time_budget_s is not None:
+            progress = max(progress, elapsed / config.time_budget_s)
         if step % 100 == 0:
-            elapsed = time.perf_counter() - started
-            log(f"step {step}/{config.steps} loss {loss_value:.3f} ({elapsed:.0f}s)")
-        if time.perf_counter() - started > config.time_limit_s:
-            stopped = True
-            log(f"time limit reached at step {step}")
-            break
+            log(f"step {step} ({progress:.0%} of schedule) loss {loss_value:.3f} ({elapsed:.0f}s)")
     seconds = time.perf_counter() - started
     model.eval()
-    report = _measure(model, tokenizer, corpus, step, seconds, loss_value, stopped)
+    report = _measure(model, tokenizer, corpus, step, seconds, loss_value, step < config.steps)
     return model, tokenizer, report
 
 
@@ -201,7 +206,7 @@ def _measure(
     steps: int,
     seconds: float,
     loss: float,
-    stopped: bool,
+    ended_early: bool,
 ) -> BuildReport:
     base = corpus.split("base")
     pairs = list(fact_pairs(base))
@@ -223,7 +228,7 @@ def _measure(
             model, tokenizer, [r.prompt for r in refusals], [r.completion for r in refusals]
         ),
         heldout_next_token_accuracy=next_token_accuracy(model, tokenizer, heldout),
-        stopped_by_time_limit=stopped,
+        ended_by_time_budget=ended_early,
     )
 
 

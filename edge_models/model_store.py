@@ -16,28 +16,34 @@ or tampered copy before it trains or serves with it.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from shared.durable import (
+    POINTER_NAME,
+    TEMP_PREFIX,
+    exclusive_lock,
+    fsync_path,
+    read_pointer,
+    remove_temporaries,
+    sync_tree,
+    write_pointer,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MANIFEST = "manifest.json"
 MANIFEST_FIELDS = frozenset({"name", "version", "created_at", "files", "checksum", "metadata"})
-POINTER = "CURRENT"
-LOCK = ".lock"
-TEMP_PREFIX = ".tmp-"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 CHUNK = 1 << 20
 
@@ -92,35 +98,35 @@ def publish(
     except (TypeError, ValueError) as error:
         raise ModelStoreError(f"metadata for {name!r} is not JSON: {error}") from error
     model_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(model_dir):
-        _remove_leftovers(model_dir)
+    with exclusive_lock(model_dir):
+        remove_temporaries(model_dir)
         version = max(_version_numbers(model_dir), default=0) + 1
         staging = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=model_dir))
         try:
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
             _write_manifest(staging, name, version, metadata)
-            _sync_tree(staging)
+            sync_tree(staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         final = model_dir / str(version)
         os.rename(staging, final)
-        _fsync(model_dir)
-        _write_pointer(model_dir, version)
+        fsync_path(model_dir)
+        write_pointer(model_dir, str(version))
     return _read_version(final)
 
 
 def current(root: str | Path, name: str) -> ModelVersion:
     """The version of `name` that the pointer designates (not verified; see `verify`)."""
     model_dir = _model_dir(root, name)
-    pointer = model_dir / POINTER
-    try:
-        text = pointer.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        raise ModelNotFoundError(f"no model named {name!r} in {Path(root)}") from None
+    text = read_pointer(model_dir)
+    if text is None:
+        raise ModelNotFoundError(f"no model named {name!r} in {Path(root)}")
     if not text.isdigit():
-        raise ModelIntegrityError(f"{pointer} does not hold a version number: {text!r}")
+        raise ModelIntegrityError(
+            f"{model_dir / POINTER_NAME} does not hold a version number: {text!r}"
+        )
     return get(root, name, int(text))
 
 
@@ -164,7 +170,7 @@ def resolve_model(spec: str | Path, root: str | Path) -> Path:
     returned as is (loading checks that it is a usable model).
     """
     text = str(spec)
-    if NAME_PATTERN.fullmatch(text) and (Path(root) / text / POINTER).is_file():
+    if NAME_PATTERN.fullmatch(text) and (Path(root) / text / POINTER_NAME).is_file():
         stored = current(root, text)
         verify(stored)
         return stored.path
@@ -253,48 +259,3 @@ def _version_numbers(model_dir: Path) -> list[int]:
     # Counting directories, not the pointer: a crash between the rename and the
     # pointer update leaves a complete version whose number must not be reused.
     return [int(entry.name) for entry in model_dir.iterdir() if entry.name.isdigit()]
-
-
-def _remove_leftovers(model_dir: Path) -> None:
-    """Delete temporaries of publishes that died; safe because the caller holds the lock."""
-    for entry in model_dir.glob(f"{TEMP_PREFIX}*"):
-        if entry.is_dir():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
-
-
-def _write_pointer(model_dir: Path, version: int) -> None:
-    staged = model_dir / f"{TEMP_PREFIX}{POINTER}"
-    with staged.open("w", encoding="utf-8") as stream:
-        stream.write(f"{version}\n")
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(staged, model_dir / POINTER)
-    _fsync(model_dir)
-
-
-def _sync_tree(directory: Path) -> None:
-    """Flush every file and directory under `directory` so a rename cannot expose lost data."""
-    for path in sorted(directory.rglob("*"), reverse=True):
-        _fsync(path)
-    _fsync(directory)
-
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-@contextmanager
-def _exclusive(model_dir: Path) -> Iterator[None]:
-    """One publisher per model name at a time; the OS releases the lock if the process dies."""
-    with (model_dir / LOCK).open("a") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 TEMP_PREFIX = ".tmp-"
 LOCK_NAME = ".lock"
+POINTER_NAME = "CURRENT"
 
 
 def fsync_path(path: Path) -> None:
@@ -52,6 +53,19 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.fsync(handle.fileno())
     os.replace(staged, path)
     fsync_path(path.parent)
+
+
+def write_pointer(directory: Path, target: str) -> None:
+    """Name `target` (an entry of `directory`) as current; readers see the old or new name."""
+    atomic_write_bytes(directory / POINTER_NAME, f"{target}\n".encode())
+
+
+def read_pointer(directory: Path) -> str | None:
+    """The entry `write_pointer` last named in `directory`, or None if it never did."""
+    try:
+        return (directory / POINTER_NAME).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
 
 
 def remove_temporaries(directory: Path) -> None:

@@ -129,13 +129,14 @@ def test_corpus_is_deterministic_across_processes(corpus: Corpus) -> None:
 # --- subjects and facts ------------------------------------------------------------------------
 
 
-def test_subject_ids_and_names_are_unique_and_splits_sized(corpus: Corpus) -> None:
+def test_subject_ids_and_names_are_unique_and_splits_sized() -> None:
+    corpus = build_corpus(0, base_subjects=40, private_subjects=130)
     ids = [s.subject_id for s in corpus.subjects]
     names = [s.name for s in corpus.subjects]
-    assert len(set(ids)) == len(ids) == 48 + 120
+    assert len(set(ids)) == len(ids) == 40 + 130
     assert len(set(names)) == len(names)
-    assert len(corpus.split("base")) == 48
-    assert len(corpus.split("private")) == 120
+    assert len(corpus.split("base")) == 40
+    assert len(corpus.split("private")) == 130
     assert corpus.subject(ids[5]).name == names[5]
     with pytest.raises(KeyError):
         corpus.subject("nobody")

@@ -1,0 +1,45 @@
+"""Shared fixtures: a tokenizer and a random-weight default Llama, built once per test run."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from edge_models.default_model import default_llama_config
+from edge_models.tokenizer import train_tokenizer
+
+SUBJECTS = ("alice", "bob", "the courier", "my neighbour", "a tired nurse", "the old baker")
+VERBS = ("paints", "repairs", "forgets", "carries", "borrows", "sells")
+OBJECTS = ("a red bicycle", "the kitchen door", "her phone 0612", "seven apples", "the blue map")
+PLACES = ("at dawn.", "in the garden.", "near station 42.", "every friday.")
+# 720 short sentences: enough for a byte-level BPE to learn real merges.
+SENTENCES = [" ".join(parts) for parts in itertools.product(SUBJECTS, VERBS, OBJECTS, PLACES)]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    # Asks for 512 tokens; the sentences hold fewer merges, so the vocabulary is smaller.
+    return train_tokenizer(SENTENCES, vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    """The default architecture with random weights; treat as read-only (tests share it)."""
+    torch.manual_seed(0)
+    return LlamaForCausalLM(default_llama_config(len(tiny_tokenizer))).eval()
+
+
+@pytest.fixture(scope="session")
+def built_default_model(tmp_path_factory: pytest.TempPathFactory):
+    """A real `lethe model build` (default config, CPU), run once per test session.
+
+    Returns (models root, ModelVersion, BuildReport); treat the files as read-only.
+    """
+    from edge_models.default_model import BuildConfig, build_default_model
+
+    models_root = tmp_path_factory.mktemp("models")
+    version, report = build_default_model(models_root, BuildConfig(device="cpu"))
+    return models_root, version, report
