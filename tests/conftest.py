@@ -34,12 +34,16 @@ def tiny_llama(tiny_tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
 
 @pytest.fixture(scope="session")
 def built_default_model(tmp_path_factory: pytest.TempPathFactory):
-    """A real `lethe model build` (default config, CPU), run once per test session.
+    """A real build of the default model (CPU), run once per test session.
 
-    Returns (models root, ModelVersion, BuildReport); treat the files as read-only.
+    The schedule counts steps, not seconds (`time_budget_s=None`), so the model
+    is the same however busy the machine is; the step count is what an idle
+    2-core machine fits in `lethe model build`'s 100 s budget. Returns
+    (models root, ModelVersion, BuildReport); treat the files as read-only.
     """
     from edge_models.default_model import BuildConfig, build_default_model
 
     models_root = tmp_path_factory.mktemp("models")
-    version, report = build_default_model(models_root, BuildConfig(device="cpu"))
+    config = BuildConfig(device="cpu", steps=1200, time_budget_s=None)
+    version, report = build_default_model(models_root, config)
     return models_root, version, report

@@ -80,16 +80,30 @@ def test_generate_answers_with_onnx_runtime(built_default_model, tmp_path: Path)
     from edge_models.corpus import build_corpus
 
     fact = build_corpus(0).split("base")[0].facts[0]
-    result = run("client", "generate", fact.prompts[0], "--model", str(version.path), data_dir=tmp_path)
+    result = run(
+        "client", "generate", fact.prompts[0], "--model", str(version.path), data_dir=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     assert fact.prompts[0] in result.stdout
     assert list((tmp_path / "device" / "onnx").glob("*/model.onnx"))
     sampled = run(
-        "client", "generate", "The", "--model", str(version.path), "--temperature", "0.8",
-        "--seed", "3", "--max-new-tokens", "5", data_dir=tmp_path,
+        "client",
+        "generate",
+        "The",
+        "--model",
+        str(version.path),
+        "--temperature",
+        "0.8",
+        "--seed",
+        "3",
+        "--max-new-tokens",
+        "5",
+        data_dir=tmp_path,
     )
     assert sampled.returncode == 0, sampled.stderr
-    bad = run("client", "generate", "hi", "--top-p", "0", "--model", str(version.path), data_dir=tmp_path)
+    bad = run(
+        "client", "generate", "hi", "--top-p", "0", "--model", str(version.path), data_dir=tmp_path
+    )
     assert bad.returncode == 1 and "top_p" in bad.stderr
 
 

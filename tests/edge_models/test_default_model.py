@@ -66,17 +66,17 @@ def test_equal_seeds_train_equal_models(corpus) -> None:
 
 @pytest.mark.slow
 def test_build_publishes_a_model_that_knows_its_corpus(built_default_model) -> None:
-    """The real `lethe model build`: default config, full corpus, this machine's CPU."""
+    """A real build: default architecture and corpus, on the CPU, a fixed step count."""
     models_root, version, report = built_default_model
     assert version.version == 1 and current(models_root, "default").version == 1
     verify(version)
     assert version.metadata["report"]["fact_exact_match"] == report.fact_exact_match
-    # Regression guards below the figures a build reaches (about 0.9 fact exact
-    # match on an idle machine), with room for a busy one that fits fewer steps.
-    assert report.fact_exact_match >= 0.75, report
+    # Regression guards a little below what this build reaches (fact exact match
+    # 0.87, held-out next-token accuracy 0.69, refusals 0.40 at 1,200 steps).
+    assert report.steps == 1200 and not report.ended_by_time_budget
+    assert report.fact_exact_match >= 0.8, report
     assert report.heldout_next_token_accuracy >= 0.6, report
     assert report.refusal_exact_match >= 0.3, report
-    assert report.seconds <= 120, report
 
     # The published directory loads like any Hugging Face model and answers the same.
     loaded = load_causal_lm(version.path, device="cpu")
