@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +20,11 @@ from edge_models.corpus import Corpus, PromptPair, build_corpus, fact_pairs
 from edge_models.evaluation import exact_match, next_token_accuracy
 from edge_models.model_store import ModelVersion, publish
 from edge_models.tokenizer import train_tokenizer
+from edge_models.training_data import encode_example, padded_batches
 from shared.devices import resolve_torch_device
 
 DEFAULT_MODEL_NAME = "default"
 FACT_REPEATS = 2
-IGNORE_INDEX = -100  # label of positions that carry no loss (transformers convention)
 
 
 def default_llama_config(vocab_size: int) -> LlamaConfig:
@@ -52,10 +52,13 @@ class BuildConfig:
     """How `lethe model build` trains the default model.
 
     The learning rate warms up over `warmup_steps`, then follows a cosine to
-    2% of its peak; the schedule's progress is the larger of steps done over
-    `steps` and seconds spent over `time_budget_s`. So a build finishes its
+    2% of its peak. The schedule's progress is the larger of steps done over
+    `steps` and seconds spent over `time_budget_s`, so a build completes its
     whole schedule (the late, low-rate phase is when exact recall appears)
-    within the budget on a slow or busy machine, doing fewer steps there.
+    within the budget, doing fewer steps on a slower machine. Time counts
+    only up to the share of `min_steps` done: a machine too busy to fit them
+    takes longer rather than publishing a model that knows nothing (a loaded
+    machine once fitted 200 steps, for 6% exact match).
     `time_budget_s=None` makes progress count steps only: equal configs then
     give equal models, whatever the machine.
     """
@@ -68,6 +71,7 @@ class BuildConfig:
     warmup_steps: int = 60
     weight_decay: float = 0.01
     time_budget_s: float | None = 100.0
+    min_steps: int = 900
     device: str = "auto"
 
 
@@ -101,55 +105,6 @@ def training_examples(corpus: Corpus) -> list[PromptPair]:
     return examples
 
 
-def encode_example(
-    tokenizer: PreTrainedTokenizerFast, example: PromptPair
-) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one example: `<s> prompt completion </s>`.
-
-    Only the completion (and the closing `</s>`) is learned: predicting a
-    question's wording spends capacity the facts need.
-    """
-    prompt = (
-        tokenizer(example.prompt, add_special_tokens=False)["input_ids"] if example.prompt else []
-    )
-    target = tokenizer(example.completion, add_special_tokens=False)["input_ids"] + [
-        tokenizer.eos_token_id
-    ]
-    ids = [tokenizer.bos_token_id, *prompt, *target]
-    labels = [IGNORE_INDEX] * (1 + len(prompt)) + target
-    return ids, labels
-
-
-def _batches(
-    examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, gen: torch.Generator
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Endless shuffled epochs of right-padded batches (input ids, attention mask, labels).
-
-    Rows of similar length are batched together (sorted within windows of
-    sixteen batches) so little compute goes into padding.
-    """
-    window = batch_size * 16
-    while True:
-        order = torch.randperm(len(examples), generator=gen).tolist()
-        batches: list[list[int]] = []
-        for start in range(0, len(order), window):
-            chunk = sorted(order[start : start + window], key=lambda i: len(examples[i][0]))
-            batches += [
-                chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)
-            ]
-        for b in torch.randperm(len(batches), generator=gen).tolist():
-            rows = [examples[i] for i in batches[b]]
-            width = max(len(ids) for ids, _ in rows)
-            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-            for i, (ids, row_labels) in enumerate(rows):
-                input_ids[i, : len(ids)] = torch.tensor(ids)
-                mask[i, : len(ids)] = 1
-                labels[i, : len(ids)] = torch.tensor(row_labels)
-            yield input_ids, mask, labels
-
-
 def train_default_model(
     corpus: Corpus, config: BuildConfig, log: Callable[[str], None] = lambda _: None
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, BuildReport]:
@@ -165,7 +120,7 @@ def train_default_model(
     )
 
     gen = torch.Generator().manual_seed(config.seed)
-    batches = _batches(encoded, config.batch_size, tokenizer.pad_token_id, gen)
+    batches = padded_batches(encoded, config.batch_size, tokenizer.pad_token_id, gen)
     model.train()
     started = time.perf_counter()
     loss_value = float("nan")
@@ -190,7 +145,8 @@ def train_default_model(
         elapsed = time.perf_counter() - started
         progress = step / config.steps
         if config.time_budget_s is not None:
-            progress = max(progress, elapsed / config.time_budget_s)
+            by_time = elapsed / config.time_budget_s
+            progress = max(progress, min(by_time, step / config.min_steps))
         if step % 100 == 0:
             log(f"step {step} ({progress:.0%} of schedule) loss {loss_value:.3f} ({elapsed:.0f}s)")
     seconds = time.perf_counter() - started

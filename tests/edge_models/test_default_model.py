@@ -7,38 +7,20 @@ import dataclasses
 import pytest
 import torch
 
-from edge_models.corpus import PromptPair, build_corpus, fact_pairs
+from edge_models.corpus import build_corpus, fact_pairs
 from edge_models.default_model import (
-    IGNORE_INDEX,
     BuildConfig,
-    encode_example,
     train_default_model,
     training_examples,
 )
 from edge_models.evaluation import exact_match
 from edge_models.loading import load_causal_lm
 from edge_models.model_store import current, verify
-from edge_models.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")
 def corpus():
     return build_corpus(0, base_subjects=8, private_subjects=8)
-
-
-def test_encode_example_learns_only_the_completion(corpus) -> None:
-    tokenizer = train_tokenizer([e.prompt + e.completion for e in training_examples(corpus)], 512)
-    pair = PromptPair("Where was Anna Berg born?", " Oslo.")
-    ids, labels = encode_example(tokenizer, pair)
-    prompt_len = 1 + len(tokenizer(pair.prompt, add_special_tokens=False)["input_ids"])
-    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
-    assert labels[:prompt_len] == [IGNORE_INDEX] * prompt_len
-    assert labels[prompt_len:] == ids[prompt_len:]
-    assert tokenizer.decode(ids[prompt_len:-1]) == " Oslo."
-
-    message_ids, message_labels = encode_example(tokenizer, PromptPair("", "hello there"))
-    assert message_labels[0] == IGNORE_INDEX
-    assert message_labels[1:] == message_ids[1:]
 
 
 def test_training_examples_hold_no_private_subject(corpus) -> None:

@@ -1,0 +1,175 @@
+"""The project's one LoRA training loop.
+
+The federated train step, the continual learner and the benchmarks all train
+adapters through `train_adapter_steps`, so a figure measured in a benchmark
+is a figure of the code a device runs, and a change to how adapters learn
+reaches every user at once. Methods differ only in what they add through the
+two hooks: a regulariser (`extra_loss`) or an edit of the gradients before
+the step (`after_backward`).
+
+A call trains exactly the number of optimizer steps it is given, because the
+coordinator's scheduler hands out work in steps and predicts arrival times
+from them. It is deterministic for equal inputs and seed, so that two devices
+(or two runs of a benchmark) given the same work produce the same update.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from edge_models.corpus import PromptPair
+from edge_models.training_data import encode_example, padded_batches
+
+
+@dataclass(frozen=True)
+class LoraTrainConfig:
+    """Optimiser settings of a LoRA training call.
+
+    The optimiser (AdamW) starts afresh in every call: a federated round
+    starts from a new global adapter, and moments from the previous round
+    would point at a model that no longer exists.
+    """
+
+    lr: float = 2e-3
+    batch_size: int = 16
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must not be negative, got {self.weight_decay}")
+        if not self.max_grad_norm > 0:
+            raise ValueError(
+                f"max_grad_norm must be positive (inf: no clipping), got {self.max_grad_norm}"
+            )
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """What one training call did; the scheduler learns a device's speed from it.
+
+    `tokens` counts the real (unpadded) input tokens processed; `mean_loss`
+    is the mean language-model loss over the steps, without `extra_loss`, so
+    that runs with and without a regulariser compare.
+    """
+
+    steps: int
+    samples: int
+    tokens: int
+    seconds: float
+    mean_loss: float
+
+
+def adapter_parameters(model: PeftModel, adapter: str) -> dict[str, nn.Parameter]:
+    """The LoRA parameters of one named adapter, keyed without the adapter's name.
+
+    The keys are the ones peft writes into adapter files
+    (`get_peft_model_state_dict`), so a state taken here loads into another
+    adapter slot or another device whatever that adapter is called there.
+    """
+    found: dict[str, nn.Parameter] = {}
+    for name, parameter in model.named_parameters():
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            if parts[i] == adapter and parts[i - 1].startswith("lora_"):
+                found[".".join(parts[:i] + parts[i + 1 :])] = parameter
+                break
+    if not found:
+        raise ValueError(f"the model has no LoRA adapter named {adapter!r}")
+    return found
+
+
+def train_adapter_steps(
+    model: PeftModel,
+    adapter: str,
+    examples: Sequence[PromptPair],
+    steps: int,
+    config: LoraTrainConfig,
+    seed: int,
+    extra_loss: Callable[[PeftModel], torch.Tensor] | None = None,
+    after_backward: Callable[[PeftModel], None] | None = None,
+    *,
+    tokenizer: PreTrainedTokenizerBase,
+) -> TrainStats:
+    """Train exactly `steps` optimizer steps of `adapter` on `examples`, in place.
+
+    Only that adapter's LoRA parameters move. The base and the other
+    adapters stay frozen, and those that are active still take part in the
+    forward pass, as they do when the device serves the model. Batches cycle
+    through shuffled epochs of the examples drawn with `seed`, which also
+    seeds dropout (the caller's random state is left as it was). Loss is on
+    completions only. `after_backward` runs after the gradients are computed
+    and before clipping and the step, so a projection it applies is what the
+    step uses. The model's `requires_grad` flags and train/eval mode are
+    restored afterwards.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must not be negative, got {steps}")
+    parameters = list(adapter_parameters(model, adapter).values())
+    if adapter not in model.active_adapters:
+        raise ValueError(f"adapter {adapter!r} is not active: training it would change nothing")
+    if steps == 0:
+        return TrainStats(steps=0, samples=0, tokens=0, seconds=0.0, mean_loss=math.nan)
+    device = parameters[0].device
+    encoded = [encode_example(tokenizer, example) for example in examples]
+    batches = padded_batches(
+        encoded, config.batch_size, tokenizer.pad_token_id, torch.Generator().manual_seed(seed)
+    )
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    samples = tokens = 0
+    loss_sum = 0.0
+    with _training_only(model, parameters), torch.random.fork_rng():
+        torch.manual_seed(seed)
+        started = time.perf_counter()
+        for _ in range(steps):
+            input_ids, mask, labels = (t.to(device) for t in next(batches))
+            loss = model(
+                input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False
+            ).loss
+            total = loss if extra_loss is None else loss + extra_loss(model)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if after_backward is not None:
+                after_backward(model)
+            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+            optimizer.step()
+            loss_sum += loss.item()
+            samples += input_ids.shape[0]
+            tokens += int(mask.sum().item())
+        seconds = time.perf_counter() - started
+    return TrainStats(
+        steps=steps, samples=samples, tokens=tokens, seconds=seconds, mean_loss=loss_sum / steps
+    )
+
+
+@contextmanager
+def _training_only(model: nn.Module, parameters: list[nn.Parameter]) -> Iterator[None]:
+    """Make `parameters` the only trainable ones, in train mode; restore everything after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    for p, _ in flags:
+        p.requires_grad_(False)
+    for p in parameters:
+        p.requires_grad_(True)
+    model.train()
+    try:
+        yield
+    finally:
+        for p in parameters:
+            p.grad = None
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)

@@ -1,0 +1,88 @@
+"""Turning examples into training batches, shared by every training loop in the project.
+
+The default model's build, the federated train step and the continual learner
+must learn the same thing from the same example (the completion only), so
+the encoding and the batching live here once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from edge_models.corpus import PromptPair
+from shared.records import Record
+
+IGNORE_INDEX = -100  # label of positions that carry no loss (transformers convention)
+
+EncodedExample = tuple[list[int], list[int]]  # token ids, labels
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input ids, attention mask, labels
+
+
+def examples_from_records(records: Iterable[Record]) -> list[PromptPair]:
+    """A device's records as training examples.
+
+    A text record becomes a pair with an empty prompt, so the whole text is
+    learned; a pair record keeps its split, so only the completion is.
+    """
+    return [
+        PromptPair("", record.text)
+        if record.kind == "text"
+        else PromptPair(record.prompt, record.completion)
+        for record in records
+    ]
+
+
+def encode_example(tokenizer: PreTrainedTokenizerBase, example: PromptPair) -> EncodedExample:
+    """Token ids and labels of one example: `<s> prompt completion </s>`.
+
+    Only the completion (and the closing `</s>`) is learned: predicting a
+    question's wording spends capacity the facts need.
+    """
+    prompt = (
+        tokenizer(example.prompt, add_special_tokens=False)["input_ids"] if example.prompt else []
+    )
+    target = tokenizer(example.completion, add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id
+    ]
+    ids = [tokenizer.bos_token_id, *prompt, *target]
+    labels = [IGNORE_INDEX] * (1 + len(prompt)) + target
+    return ids, labels
+
+
+def padded_batches(
+    examples: Sequence[EncodedExample], batch_size: int, pad_id: int, gen: torch.Generator
+) -> Iterator[Batch]:
+    """Endless shuffled epochs of right-padded CPU batches (input ids, attention mask, labels).
+
+    Rows of similar length are batched together (sorted within windows of
+    sixteen batches) so little compute goes into padding. Fewer examples than
+    `batch_size` make smaller batches: a device may hold only a few records.
+    """
+    if not examples:
+        raise ValueError("no examples to batch")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    batch_size = min(batch_size, len(examples))
+    window = batch_size * 16
+    while True:
+        order = torch.randperm(len(examples), generator=gen).tolist()
+        batches: list[list[int]] = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start : start + window], key=lambda i: len(examples[i][0]))
+            batches += [
+                chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)
+            ]
+        for b in torch.randperm(len(batches), generator=gen).tolist():
+            rows = [examples[i] for i in batches[b]]
+            width = max(len(ids) for ids, _ in rows)
+            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+            for i, (ids, row_labels) in enumerate(rows):
+                input_ids[i, : len(ids)] = torch.tensor(ids)
+                mask[i, : len(ids)] = 1
+                labels[i, : len(ids)] = torch.tensor(row_labels)
+            yield input_ids, mask, labels
