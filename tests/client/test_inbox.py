@@ -1,0 +1,35 @@
+"""The drop folder: complete files are ingested once and filed away; bad ones are explained."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from client.inbox import DONE, REJECTED, process_inbox
+from client.record_store import RecordStore
+
+
+def test_files_are_ingested_once_and_bad_ones_rejected_with_reasons(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "a.jsonl").write_text('{"subject_id": "s1", "text": "hello"}\n')
+    (inbox / "b.jsonl").write_text('{"subject_id": "s2", "text": "ok"}\n{"subject_id": "s2"}\n')
+    (inbox / "c.jsonl.part").write_text('{"subject_id": "s3", "text": "still being written')
+    with RecordStore.open(tmp_path / "r.db", tmp_path / "k.key") as store:
+        results = process_inbox(inbox, store)
+        assert [(r.file.name, r.accepted) for r in results] == [
+            ("a.jsonl", True),
+            ("b.jsonl", False),
+        ]
+        assert store.count() == 1  # nothing of b, nothing of the unfinished c
+        assert (inbox / DONE / "a.jsonl").exists()
+        assert (inbox / REJECTED / "b.jsonl").exists()
+        assert "2:" in (inbox / REJECTED / "b.jsonl.errors").read_text()
+        assert (inbox / "c.jsonl.part").exists()
+        assert process_inbox(inbox, store) == []  # each file is processed once
+
+        # The same name dropped again is a new file: ingested (its record is a
+        # duplicate, skipped) and filed beside the first, not over it.
+        (inbox / "a.jsonl").write_text('{"subject_id": "s1", "text": "hello"}\n')
+        (again,) = process_inbox(inbox, store)
+        assert again.report is not None and again.report.duplicates == 1
+        assert (inbox / DONE / "a.jsonl.1").exists() and store.count() == 1
