@@ -225,6 +225,19 @@ def bench_inference(
     console.print_json(json.dumps(results))
 
 
+@bench_app.command("continual")
+def bench_continual(
+    json_path: Annotated[Path, typer.Option("--json", help="Where to write the results.")],
+    device: DeviceOption = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of corpus, model and training.")] = 0,
+) -> None:
+    """Five domains learned in order: naive, replay and Lethe's method side by side."""
+    from lethe.bench.continual import run_continual_bench
+
+    results = run_continual_bench(json_path, device=device, seed=seed, log=err_console.print)
+    console.print_json(json.dumps(results))
+
+
 @app.command("demo")
 def demo(
     data_dir: DataDirOption = None,
