@@ -1,0 +1,467 @@
+"""`lethe bench continual`: learning five domains in a row without forgetting the earlier ones.
+
+Results and the choice of subspace method are recorded in
+docs/benchmarks/continual.json once a full run is committed (issue 3 is open:
+tuning runs so far put replay + InfLoRA-style blocks at BWT -0.1 to -1.5
+points against naive fine-tuning's -10 to -41).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from peft import PeftModel, get_peft_model
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import PreTrainedTokenizerBase
+
+from client.continual import (
+    BlockLayout,
+    BlockMask,
+    ComplementProjection,
+    InputCovariance,
+    OrthogonalityConfig,
+    OrthogonalityPenalty,
+    ReplayConfig,
+    design_block,
+    lora_factors,
+    mix_replay,
+)
+from client.lora_training import LoraTrainConfig, TrainStats, train_adapter_steps
+from client.record_store import RecordStore
+from edge_models.corpus import Corpus, build_corpus, partition
+from edge_models.default_model import DEFAULT_MODEL_NAME, BuildConfig, build_default_model
+from edge_models.evaluation import exact_match, next_token_accuracy
+from edge_models.loading import load_causal_lm, lora_config
+from edge_models.model_store import ModelNotFoundError, current, verify
+from edge_models.training_data import examples_from_records
+from shared.devices import resolve_torch_device
+from shared.records import Record
+
+ADAPTER = "personal"
+ACCURACY = (
+    "per domain, in points: mean of fact exact match (itself the mean over the held-out and "
+    "the trained phrasing) and next-token accuracy on the domain's held-out messages"
+)
+Subspace = Literal["none", "inflora", "inflora-train-a", "olora"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A continual-learning method: whether it replays, and which subspace method it adds."""
+
+    replay: bool
+    subspace: Subspace
+
+
+METHODS: dict[str, Method] = {
+    "naive": Method(replay=False, subspace="none"),
+    "replay": Method(replay=True, subspace="none"),
+    "lethe": Method(replay=True, subspace="inflora"),
+    "replay+olora": Method(replay=True, subspace="olora"),
+    "replay+inflora-train-a": Method(replay=True, subspace="inflora-train-a"),
+}
+REPORTED = ("naive", "replay", "lethe")
+CANDIDATES = ("lethe", "replay+olora", "replay+inflora-train-a")  # how Lethe's was chosen
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Everything the methods share; tuned on device 1's stream, reported on device 0's.
+
+    The personal adapter's rank is `blocks * block_rank` for every method, so
+    naive and replay fine-tuning get the same adapter that Lethe splits into
+    one block per domain.
+    """
+
+    fleet: int = 4  # the private subjects split as for this many devices
+    device_index: int = 0  # whose records make the stream
+    steps_per_domain: int = 150
+    lr: float = 2e-3
+    batch_size: int = 32
+    blocks: int = 5
+    block_rank: int = 8
+    lora_alpha_per_rank: float = 2.0
+    replay_fraction: float = 0.5
+    protected_energy: float = 0.99
+    orthogonality_weight: float = 0.5
+    build_steps: int = 1200
+
+
+def run_continual_bench(
+    json_path: Path,
+    device: str = "auto",
+    seed: int = 0,
+    settings: BenchSettings = BenchSettings(),
+    methods: Sequence[str] = REPORTED,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """Run every method on the same stream, each in a fresh process; write and return the JSON."""
+    unknown = [name for name in methods if name not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    model_dir, build_s = _default_model(seed, settings, device, log)
+    results: dict[str, Any] = {}
+    for name in methods:
+        log(f"method {name}")
+        results[name] = _in_fresh_process(model_dir, name, settings, seed, device)
+    report = {
+        "methods": results,
+        "domains": list(build_corpus(seed).domains),
+        "accuracy": ACCURACY,
+        "settings": asdict(settings),
+        "seed": seed,
+        "model_build_s": build_s,
+        "bench_s": round(time.perf_counter() - started, 1),
+        "device": str(resolve_torch_device(device)),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+    }
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _in_fresh_process(
+    model_dir: Path, name: str, settings: BenchSettings, seed: int, device: str
+) -> dict[str, Any]:
+    """Run one method in a new interpreter: its peak RSS is then the method's own, and no
+    allocator or thread-pool state carries over from the method before it."""
+    with tempfile.TemporaryDirectory() as directory:
+        out = Path(directory) / "result.json"
+        request = {
+            "model_dir": str(model_dir),
+            "name": name,
+            "settings": asdict(settings),
+            "seed": seed,
+            "device": device,
+            "out": str(out),
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", __name__],
+            input=json.dumps(request),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"method {name} failed:\n{done.stderr[-4000:]}")
+        return json.loads(out.read_text())
+
+
+def _default_model(
+    seed: int, settings: BenchSettings, device: str, log: Callable[[str], None]
+) -> tuple[Path, float | None]:
+    """The default model of `seed`, built once and cached under the temp directory.
+
+    The build counts steps, not seconds, so a cached model is the model a
+    fresh build would give; the seconds are None when the cache served it.
+    """
+    root = Path(tempfile.gettempdir()) / "lethe-bench-continual" / f"seed{seed}"
+    try:
+        version = current(root, DEFAULT_MODEL_NAME)
+        verify(version)
+        return version.path, None
+    except ModelNotFoundError:
+        pass
+    config = BuildConfig(seed=seed, steps=settings.build_steps, time_budget_s=None, device=device)
+    started = time.perf_counter()
+    version, _report = build_default_model(root, config, log)
+    return version.path, round(time.perf_counter() - started, 1)
+
+
+@dataclass(frozen=True)
+class DomainTask:
+    """One domain of the stream: the records a device ingests, and what tests it."""
+
+    name: str
+    records: list[Record]
+    trained: list[tuple[str, str]]  # (trained phrasing, answer)
+    heldout: list[tuple[str, str]]  # (the other trained phrasing, answer): never shown
+    probes: list[tuple[str, str]]  # paraphrases
+    texts: tuple[str, ...]  # held-out messages of the domain
+
+
+def domain_tasks(corpus: Corpus, subject_ids: Sequence[str]) -> list[DomainTask]:
+    """The stream: the subjects' records grouped by domain, in the corpus's domain order.
+
+    Each fact is shown in one of its two trained phrasings, alternating by
+    subject so that both phrasings are learned and both are tested as held-out.
+    """
+    tasks = []
+    for domain in corpus.domains:
+        records: list[Record] = []
+        trained, heldout, probes = [], [], []
+        for index, subject_id in enumerate(subject_ids):
+            subject = corpus.subject(subject_id)
+            shown = index % 2
+            for fact in subject.facts:
+                if fact.domain != domain:
+                    continue
+                prompt = fact.prompts[shown]
+                records.append(
+                    Record(subject_id, "pair", prompt=prompt, completion=fact.completion())
+                )
+                trained.append((prompt, fact.answer))
+                heldout.append((fact.prompts[1 - shown], fact.answer))
+                probes += [(probe, fact.answer) for probe in fact.probes]
+            records += [
+                Record(subject_id, "text", text=m.text)
+                for m in subject.messages
+                if m.domain == domain
+            ]
+        tasks.append(
+            DomainTask(domain, records, trained, heldout, probes, corpus.heldout_messages[domain])
+        )
+    return tasks
+
+
+def _evaluate(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, task: DomainTask
+) -> dict[str, float]:
+    def em(pairs: list[tuple[str, str]]) -> float:
+        return exact_match(model, tokenizer, [p for p, _ in pairs], [a for _, a in pairs])
+
+    scores = {
+        "heldout_fact_em": em(task.heldout),
+        "trained_fact_em": em(task.trained),
+        "probe_em": em(task.probes),
+        "text_accuracy": next_token_accuracy(model, tokenizer, task.texts),
+    }
+    scores["fact_em"] = (scores["heldout_fact_em"] + scores["trained_fact_em"]) / 2
+    scores["accuracy"] = (scores["fact_em"] + scores["text_accuracy"]) / 2
+    return scores
+
+
+class _Learner:
+    """One method's device: the personal adapter, the record store, the input sketch."""
+
+    def __init__(
+        self,
+        model: PeftModel,
+        tokenizer: PreTrainedTokenizerBase,
+        store: RecordStore,
+        method: Method,
+        settings: BenchSettings,
+        seed: int,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.store = store
+        self.method = method
+        self.settings = settings
+        self.seed = seed
+        self.layout = BlockLayout(settings.block_rank, settings.blocks)
+        self.factors = lora_factors(model, ADAPTER)
+        self.history = InputCovariance(self.factors)
+        self.config = LoraTrainConfig(lr=settings.lr, batch_size=settings.batch_size)
+        self.rng = random.Random(seed)
+
+    def training_set(self, new: list[Record]) -> list[Record]:
+        self.store.ingest(new)
+        if not self.method.replay:
+            return new
+        return mix_replay(new, self.store, ReplayConfig(self.settings.replay_fraction), self.rng)
+
+    def learn(self, index: int, new: list[Record]) -> TrainStats:
+        """Train the domain's steps with the method's hooks; then sketch its inputs."""
+        examples = examples_from_records(self.training_set(new))
+        new_examples = examples_from_records(new)
+        subspace = self.method.subspace
+        extra_loss: Callable[[PeftModel], torch.Tensor] | None = None
+        hooks: list[Callable[[PeftModel], None]] = []
+        rows = self.layout.rows(index)
+        if subspace != "none":
+            hooks.append(BlockMask(self.factors, rows, train_a=subspace != "inflora"))
+        if subspace == "olora":
+            config = OrthogonalityConfig(self.settings.orthogonality_weight)
+            extra_loss = OrthogonalityPenalty(self.factors, self.layout, index, config)
+        projection = None
+        if subspace.startswith("inflora"):
+            new_inputs = InputCovariance(self.factors)
+            new_inputs.observe(self.model, self.tokenizer, new_examples)
+            complement = self.history.complement(self.settings.protected_energy)
+            design_block(self.factors, self.layout, index, complement, new_inputs)
+            if subspace == "inflora-train-a":
+                projection = ComplementProjection(self.factors, rows, complement)
+                hooks.append(projection)
+        stats = train_adapter_steps(
+            self.model,
+            ADAPTER,
+            examples,
+            self.settings.steps_per_domain,
+            self.config,
+            seed=self.seed * 1000 + index,
+            extra_loss=extra_loss,
+            after_backward=_chained(hooks),
+            tokenizer=self.tokenizer,
+        )
+        if projection is not None:
+            projection.settle()
+        if subspace.startswith("inflora"):
+            self.history.observe(self.model, self.tokenizer, new_examples)
+        return stats
+
+
+def _chained(hooks: list[Callable[[PeftModel], None]]) -> Callable[[PeftModel], None] | None:
+    """One `after_backward` hook that runs `hooks` in order (None when there are none)."""
+    if not hooks:
+        return None
+
+    def run(model: PeftModel) -> None:
+        for hook in hooks:
+            hook(model)
+
+    return run
+
+
+def _run_method(
+    model_dir: str, name: str, settings: BenchSettings, seed: int, device: str
+) -> dict[str, Any]:
+    """One method from a fresh adapter through the whole stream, in this (fresh) process."""
+    started = time.perf_counter()
+    method = METHODS[name]
+    corpus = build_corpus(seed)
+    subjects = partition(corpus, settings.fleet, seed=seed)[settings.device_index].subject_ids
+    tasks = domain_tasks(corpus, subjects)
+    if len(tasks) > settings.blocks:
+        raise ValueError(f"{len(tasks)} domains need as many blocks, got {settings.blocks}")
+    loaded = load_causal_lm(model_dir, device=device)
+    rank = settings.blocks * settings.block_rank
+    peft_config = lora_config(
+        loaded.lora_targets, rank, settings.lora_alpha_per_rank * rank, dropout=0.0
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = get_peft_model(loaded.model, peft_config, ADAPTER)
+    tokenizer = loaded.tokenizer
+    peak = matmul_peak_flops(resolve_torch_device(device))
+    flops_per_token = _training_flops_per_token(model, tokenizer, tasks[0], settings)
+    rows: list[list[dict[str, float]]] = []
+    train_s = 0.0
+    tokens = 0
+    with tempfile.TemporaryDirectory() as directory:
+        store = RecordStore.open(Path(directory) / "records.db", Path(directory) / "keyfile")
+        with store:
+            learner = _Learner(model, tokenizer, store, method, settings, seed)
+            for index, task in enumerate(tasks):
+                stats = learner.learn(index, task.records)
+                train_s += stats.seconds
+                tokens += stats.tokens
+                rows.append([_evaluate(model, tokenizer, seen) for seen in tasks[: index + 1]])
+    # The machine is shared: the best of the rates measured before and after
+    # training is the closest to what the cores can do.
+    peak = max(peak, matmul_peak_flops(resolve_torch_device(device)))
+    achieved = flops_per_token * tokens / train_s
+    return {
+        **_summary(rows),
+        "tokens_per_s": round(tokens / train_s, 1),
+        "peak_fraction": round(achieved / peak, 4),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "train_seconds": round(train_s, 2),
+        "method_seconds": round(time.perf_counter() - started, 1),
+        "train_tokens": tokens,
+        "achieved_gflops": round(achieved / 1e9, 2),
+        "matmul_peak_gflops": round(peak / 1e9, 2),
+        "training_flops_per_token": round(flops_per_token),
+        "replay": method.replay,
+        "subspace": method.subspace,
+    }
+
+
+def _summary(rows: list[list[dict[str, float]]]) -> dict[str, Any]:
+    """Average accuracy and BWT (in points) of the headline accuracy and of each part."""
+    out: dict[str, Any] = {}
+    for key, prefix in (
+        ("accuracy", ""),
+        ("fact_em", "fact_"),
+        ("heldout_fact_em", "heldout_fact_"),
+        ("trained_fact_em", "trained_fact_"),
+        ("probe_em", "probe_"),
+        ("text_accuracy", "text_"),
+    ):
+        matrix = [[100 * cell[key] for cell in row] for row in rows]
+        last = matrix[-1]
+        out[f"{prefix}avg_acc"] = round(statistics.fmean(last), 2)
+        out[f"{prefix}bwt"] = round(
+            statistics.fmean(last[i] - matrix[i][i] for i in range(len(last) - 1)), 2
+        )
+        out[f"{prefix}acc_matrix"] = [[round(x, 2) for x in row] for row in matrix]
+    return out
+
+
+def matmul_peak_flops(device: torch.device, size: int = 2048, repeats: int = 7) -> float:
+    """The device's fp32 matmul rate now, with the current thread count: the best of `repeats`."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first one warms up
+        _synchronise(device)
+        started = time.perf_counter()
+        torch.mm(a, b)
+        _synchronise(device)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
+
+
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _training_flops_per_token(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, task: DomainTask, settings: BenchSettings
+) -> float:
+    """FLOPs of a training step per real token, counted on a copy (the counter slows the run).
+
+    Padding is in the count, as it is in the compute; the hooks are not (the
+    O-LoRA penalty and the masks are a few thousand FLOPs against millions).
+    """
+    probe = copy.deepcopy(model)
+    with FlopCounterMode(display=False) as counter:
+        stats = train_adapter_steps(
+            probe,
+            ADAPTER,
+            examples_from_records(task.records),
+            4,
+            LoraTrainConfig(lr=settings.lr, batch_size=settings.batch_size),
+            seed=0,
+            tokenizer=tokenizer,
+        )
+    return counter.get_total_flops() / stats.tokens
+
+
+def _worker() -> None:
+    """The child side of `_in_fresh_process`: a request on stdin, the result into a file."""
+    request = json.loads(sys.stdin.read())
+    result = _run_method(
+        request["model_dir"],
+        request["name"],
+        BenchSettings(**request["settings"]),
+        request["seed"],
+        request["device"],
+    )
+    Path(request["out"]).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _worker()
