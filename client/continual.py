@@ -23,8 +23,10 @@ things keep it from forgetting what it learned before:
   * O-LoRA-style (`OrthogonalityPenalty` + `BlockMask(train_a=True)`): A and
     B of the block both train, with a penalty on the overlap between the
     block's A rows and the earlier blocks' A rows.
-  `lethe bench continual` measures both; its module docstring says which won
-  and by how much.
+  `lethe bench continual` measured both (and InfLoRA with A trained under
+  `ComplementProjection`): only the InfLoRA-style block with a frozen A kept
+  forgetting within 2 points, so it is the one Lethe uses; the bench's
+  docstring has the figures.
 
 Everything here is pure (tensors in, tensors out, no files): the daemon and
 the bench drive it around `client.lora_training.train_adapter_steps`.
@@ -257,15 +259,15 @@ class InputCovariance:
         Every token counts, prompt included: attention reads all of them.
         """
         encoded = [encode_example(tokenizer, e) for e in examples]
-        batch_size = min(batch_size, len(encoded))
-        batches = padded_batches(
-            encoded, batch_size, tokenizer.pad_token_id, torch.Generator().manual_seed(0)
-        )
         device = self._factors[0].a.device
         was_training = model.training
         model.eval()
-        for _ in range(len(encoded) // batch_size):
-            ids, mask, _labels = next(batches)
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start : start + batch_size]
+            # A batch of the whole chunk, so every example is seen exactly once.
+            ids, mask, _labels = next(
+                padded_batches(chunk, len(chunk), tokenizer.pad_token_id, torch.Generator())
+            )
             with self._recording(mask.to(device).bool()):
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             self.tokens += int(mask.sum())
@@ -294,7 +296,7 @@ class InputCovariance:
             raise ValueError(f"energy must be in (0, 1], got {energy}")
         out = {}
         for name, total in self.sums.items():
-            values, vectors = torch.linalg.eigh(total)  # ascending
+            values, vectors = _eigh(total)  # ascending
             values = values.clamp_min(0).flip(0)
             vectors = vectors.flip(1)
             if self.tokens == 0 or values.sum() == 0:
@@ -307,7 +309,7 @@ class InputCovariance:
 
 
 class ComplementProjection:
-    """`after_backward` hook: block `block`'s A rows learn, but only inside the complement.
+    """`after_backward` hook: the A rows `rows` (one block) learn, but only inside the complement.
 
     It projects the rows' gradient onto the complement, and the rows
     themselves too: AdamW scales each coordinate of a step separately, which
@@ -359,9 +361,24 @@ def design_block(
         for f in factors:
             basis = complement[f.name].double()  # d_in x m
             inside = basis.T @ new_inputs.sums[f.name] @ basis
-            _values, vectors = torch.linalg.eigh(inside)
+            _values, vectors = _eigh(inside)
             top = vectors.flip(1)[:, : layout.block_rank]
             a = torch.zeros(layout.block_rank, f.a.shape[1], dtype=torch.float64)
             a[: top.shape[1]] = (basis @ top).T
             f.a[rows] = a.to(f.a.dtype)
             f.b[:, rows] = 0
+
+
+def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A symmetric eigendecomposition on one thread.
+
+    At these sizes (at most a layer's input width) LAPACK's threaded path
+    gains nothing and, when another process holds a core, stalls: 0.5 to 5 s
+    per 128- or 384-wide matrix on two busy cores, against 15 ms on one.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.eigh(matrix)
+    finally:
+        torch.set_num_threads(threads)
