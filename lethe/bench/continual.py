@@ -107,7 +107,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import platform
 import random
 import resource
 import statistics
@@ -145,6 +144,7 @@ from edge_models.evaluation import exact_match, next_token_accuracy
 from edge_models.loading import load_causal_lm, lora_config
 from edge_models.model_store import ModelNotFoundError, current, verify
 from edge_models.training_data import examples_from_records
+from lethe.bench.report import machine_facts, write_report
 from shared.devices import resolve_torch_device
 from shared.records import Record
 
@@ -231,16 +231,10 @@ def run_continual_bench(
         "matmul_peak_gflops": peak,
         "model_build_s": build_s,
         "bench_s": round(time.perf_counter() - started, 1),
-        "device": str(resolve_torch_device(device)),
         "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        **machine_facts(device, load_before),
     }
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return write_report(json_path, report)
 
 
 def _in_fresh_process(

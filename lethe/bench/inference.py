@@ -17,9 +17,7 @@ Medians are reported, with the load average around the bench.
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -37,6 +35,7 @@ from client.inference import KvCacheSession
 from client.serving import max_logit_difference
 from edge_models.default_model import BuildConfig, default_llama_config
 from edge_models.onnx_export import export_causal_lm
+from lethe.bench.report import machine_facts, write_report
 from shared.devices import resolve_torch_device
 
 PROMPT_TOKENS = 32
@@ -92,16 +91,10 @@ def run_inference_bench(json_path: Path, runs: int = 20, device: str = "auto") -
         "statistic": "median",
         "torch_threads": threads,
         "onnx_intra_op_threads": threads,
-        "device": str(resolve_torch_device(device)),
-        "torch": torch.__version__,
         "onnxruntime": ort.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        **machine_facts(device, load_before),
     }
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return write_report(json_path, report)
 
 
 def _bench_config(config: LlamaConfig, runs: int, device: str, threads: int) -> dict[str, Any]:
