@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 # that saving does not import peft.
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
+# Tensors the device keeps with an adapter version (the continual learner's
+# input sketch): saved in the same version, so adapter and state never disagree.
+EXTRA_FILE = "device_state.safetensors"
 KIND = "adapter"
 DEFAULT_KEEP = 3
 
@@ -48,6 +51,7 @@ class LoadedAdapter:
     state: dict[str, torch.Tensor]
     config: LoraConfig
     version: StoredVersion
+    extra: dict[str, torch.Tensor]
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -62,22 +66,27 @@ def save_adapter(
     lora_config: LoraConfig | Mapping[str, Any],
     metadata: Mapping[str, Any] | None = None,
     *,
+    extra: Mapping[str, torch.Tensor] | None = None,
     keep: int = DEFAULT_KEEP,
 ) -> StoredVersion:
     """Store a peft LoRA state dict and its config as the next version of `name`.
 
-    `state` is what `get_peft_model_state_dict` returns. Everything is checked
-    before a byte is written, so a NaN from a diverged training run, or any
-    other bad input, leaves the adapter in use untouched. Versions beyond the
-    newest `keep` are deleted.
+    `state` is what `get_peft_model_state_dict` returns; `extra` are tensors
+    that belong with this version (peft ignores the file). Everything is
+    checked before a byte is written, so a NaN from a diverged training run,
+    or any other bad input, leaves the adapter in use untouched. Versions
+    beyond the newest `keep` are deleted.
     """
     tensors = _checked_tensors(name, state)
+    extra_tensors = _checked_tensors(name, extra) if extra else {}
     config_json = _config_json(name, lora_config)
 
     def write(directory: Path) -> None:
         # peft writes the same metadata; some loaders require the format key.
         save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
         (directory / CONFIG_FILE).write_text(config_json, encoding="utf-8")
+        if extra_tensors:
+            save_file(extra_tensors, directory / EXTRA_FILE)
 
     return publish_directory(root, name, write, metadata, keep=keep, kind=KIND)
 
@@ -87,10 +96,12 @@ def load_adapter(root: str | Path, name: str) -> LoadedAdapter:
     from peft import LoraConfig
 
     version = latest_good(root, name, kind=KIND)
+    extra_path = version.path / EXTRA_FILE
     return LoadedAdapter(
         state=load_file(version.path / WEIGHTS_FILE),
         config=LoraConfig.from_pretrained(str(version.path)),
         version=version,
+        extra=load_file(extra_path) if extra_path.exists() else {},
     )
 
 

@@ -43,7 +43,10 @@ class AdapterConfig:
     The whole fleet must use one config: shared deltas from devices are only
     comparable (and addable) when rank, targets and the shared seed agree.
     `targets` None means every projection `find_lora_targets` finds in the
-    base model's transformer blocks.
+    base model's transformer blocks. `rank` and `alpha` are the shared
+    adapter's; the personal adapter never leaves the device, so its rank is
+    the device's own choice (`personal_rank`, default `rank`; the continual
+    learner splits it into blocks) at the same alpha-per-rank scaling.
     """
 
     rank: int = 8
@@ -51,14 +54,19 @@ class AdapterConfig:
     dropout: float = 0.0
     targets: LoraTargets | None = None
     shared_seed: int = 0
+    personal_rank: int | None = None
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"rank must be at least 1, got {self.rank}")
+        if self.rank < 1 or (self.personal_rank is not None and self.personal_rank < 1):
+            raise ValueError(f"ranks must be at least 1, got {self.rank}, {self.personal_rank}")
         if not self.alpha > 0:
             raise ValueError(f"alpha must be positive, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def personal_alpha(self) -> float:
+        return self.alpha * (self.personal_rank or self.rank) / self.rank
 
 
 DEFAULT_ADAPTER_CONFIG = AdapterConfig()
@@ -86,10 +94,13 @@ class DeviceModel:
         self.tokenizer = tokenizer
         self.device = resolve_torch_device(device)
         targets = config.targets or find_lora_targets(base)
-        lora = lora_config(targets, config.rank, config.alpha, config.dropout)
+        shared = lora_config(targets, config.rank, config.alpha, config.dropout)
+        personal = lora_config(
+            targets, config.personal_rank or config.rank, config.personal_alpha, config.dropout
+        )
         with torch.random.fork_rng():  # peft's own initialisation draws from the global RNG
-            self.model: PeftModel = get_peft_model(base.to(self.device), lora, SHARED)
-            self.model.add_adapter(PERSONAL, copy.deepcopy(lora))
+            self.model: PeftModel = get_peft_model(base.to(self.device), shared, SHARED)
+            self.model.add_adapter(PERSONAL, personal)
         self.model.base_model.set_adapter(list(ADAPTERS), inference_mode=True)
         self.model.eval()
         self.load_adapter_state(SHARED, self._initial_state(SHARED, config.shared_seed))

@@ -318,11 +318,21 @@ class RecordStore:
         Reads page by page in short transactions, so the caller may write to the
         store (even delete a subject) while iterating.
         """
+        return (record for _row_id, record in self.numbered_records(subject_id))
+
+    def numbered_records(
+        self, subject_id: str | None = None, after: int = 0
+    ) -> Iterator[tuple[int, Record]]:
+        """(row id, record) in ingest order, for rows after `after`.
+
+        Row ids only grow, so a reader that remembers the last id it handled
+        (the daemon's training watermark) sees each new record exactly once.
+        """
         query = select(RecordRow).order_by(RecordRow.id).limit(_PAGE_ROWS)
         if subject_id is not None:
             query = query.where(RecordRow.subject_hash == self.subject_hash(subject_id))
         keys: dict[str, SubjectKeys] = {}
-        last_id = 0
+        last_id = after
         while True:
             with Session(self._engine) as session:
                 page = session.exec(query.where(RecordRow.id > last_id)).all()
@@ -334,7 +344,7 @@ class RecordStore:
             if not page:
                 return
             for row in page:
-                yield _open_row(keys[row.subject_hash], row)
+                yield row.id, _open_row(keys[row.subject_hash], row)
             last_id = page[-1].id
 
     def subjects(self) -> list[str]:
@@ -353,8 +363,9 @@ class RecordStore:
                 for row in rows
             )
 
-    def count(self, subject_id: str | None = None) -> int:
-        query = select(func.count()).select_from(RecordRow)
+    def count(self, subject_id: str | None = None, after: int = 0) -> int:
+        """Records stored (of one subject, with row ids after `after`)."""
+        query = select(func.count()).select_from(RecordRow).where(RecordRow.id > after)
         if subject_id is not None:
             query = query.where(RecordRow.subject_hash == self.subject_hash(subject_id))
         with Session(self._engine) as session:

@@ -43,7 +43,12 @@ class RecordRow(RecordStoreTable, table=True):
     """One encrypted record; `record_hash` is keyed by the subject's key, for deduplication."""
 
     __tablename__ = "record_store_records"
-    __table_args__ = (UniqueConstraint("subject_hash", "record_hash"),)
+    # AUTOINCREMENT: ids are never reused, even after the newest rows are
+    # deleted, so a reader's "last id handled" cannot hide a newer record.
+    __table_args__ = (
+        UniqueConstraint("subject_hash", "record_hash"),
+        {"sqlite_autoincrement": True},
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     subject_hash: str = Field(foreign_key="record_store_subjects.subject_hash")

@@ -177,7 +177,8 @@ def client_generate(
     prompt: Annotated[list[str], typer.Argument(help="One or more prompts (batched together).")],
     data_dir: DataDirOption = None,
     model: Annotated[
-        str, typer.Option(help="Stored model name or a local HF model directory.")
+        str,
+        typer.Option(help="Stored model name or HF model directory, exported if none is served."),
     ] = "default",
     max_new_tokens: Annotated[int, typer.Option(help="Stop after this many new tokens.")] = 32,
     temperature: Annotated[float, typer.Option(help="0 is greedy; above 0 samples.")] = 0.0,
@@ -187,9 +188,13 @@ def client_generate(
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
     device: DeviceOption = "auto",
 ) -> None:
-    """Generate with ONNX Runtime from the device's current export (exporting first if needed)."""
+    """Generate with ONNX Runtime from what the device serves (base + shared + personal).
+
+    The device's current export is used as it is (the daemon keeps it up to
+    date); only a device that has never exported anything exports `--model`.
+    """
     from client.inference import SamplingParams
-    from client.serving import ServedModel, ensure_export
+    from client.serving import ServedModel, current_export, ensure_export
     from edge_models.loading import ModelLoadError, load_causal_lm
     from edge_models.model_store import ModelStoreError, resolve_model
 
@@ -203,13 +208,58 @@ def client_generate(
             seed=seed,
             stop_strings=tuple(stop or ()),
         )
-        loaded = load_causal_lm(resolve_model(model, paths.models), device=device)
-        ensure_export(loaded.model, [], paths.onnx_exports, device, loaded.tokenizer)
+        if current_export(paths.onnx_exports) is None:
+            loaded = load_causal_lm(resolve_model(model, paths.models), device=device)
+            ensure_export(loaded.model, [], paths.onnx_exports, device, loaded.tokenizer)
         completions = ServedModel(paths.onnx_exports, device).generator().generate(prompt, params)
     except (ValueError, ModelStoreError, ModelLoadError) as exc:
         raise _fail(str(exc)) from exc
     for text, completion in zip(prompt, completions, strict=True):
         console.print(f"[bold]{text}[/]{completion.text}  [dim]({completion.finish_reason})[/]")
+
+
+@client_app.command("run")
+def client_run(
+    data_dir: DataDirOption = None,
+    model: Annotated[str, typer.Option(help="Stored model name or a local HF model directory.")] = (
+        "default"
+    ),
+    poll: Annotated[float, typer.Option(help="Seconds between looks at the inbox.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the personal adapter and its training.")] = 0,
+    device: DeviceOption = "auto",
+) -> None:
+    """The device daemon: ingest the inbox, learn continually, serve the local channel.
+
+    Runs until SIGINT or SIGTERM. Drop record files into DATA_DIR/device/inbox
+    (write NAME.jsonl.part, then rename to NAME.jsonl).
+    """
+    import logging
+    import signal
+    import threading
+
+    from client.daemon import DaemonConfig, DaemonError, DeviceDaemon
+    from client.device_service import serve, socket_path
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    paths = _data_dir(data_dir)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        config = DaemonConfig(model=model, device=device, seed=seed, poll_s=poll)
+        daemon = DeviceDaemon(paths, config)
+    except (ValueError, DaemonError) as exc:
+        raise _fail(str(exc)) from exc
+    with daemon:
+        server = serve(daemon, paths.device)
+        err_console.print(
+            f"device daemon ready: inbox {daemon.inbox}, local channel {socket_path(paths.device)}"
+        )
+        try:
+            daemon.run(stop)
+        finally:
+            server.stop(grace=5).wait()
+    err_console.print("device daemon stopped")
 
 
 @bench_app.command("inference")

@@ -119,3 +119,90 @@ def test_demo_runs_end_to_end_on_a_stored_model(built_default_model, tmp_path: P
     # The demo's questions are base facts, which the build learned.
     answered = int(result.stdout.split("ONNX answered ")[1].split("/")[0])
     assert answered >= 3, result.stdout
+
+
+def start_daemon(data_dir: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "LETHE_DATA_DIR": str(data_dir)}
+    return subprocess.Popen(
+        [*LETHE, "client", "run", "--poll", "0.2", "--device", "cpu"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(check, process: subprocess.Popen[str], timeout: float = 300):
+    """Poll `check` until it returns something true; errors mean "not up yet"."""
+    import time
+
+    import grpc
+
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"daemon exited early: {process.communicate()[1][-3000:]}")
+        try:
+            value = check()
+        except (OSError, grpc.RpcError) as error:
+            value, last = None, error
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out; last error: {last}")
+
+
+@pytest.mark.slow
+def test_the_device_daemon_learns_survives_kill_9_and_stops_cleanly(
+    built_default_model, tmp_path: Path
+) -> None:
+    import signal
+
+    from client.device_service import DeviceClient
+    from shared.paths import DataDir
+
+    models_root, _, _ = built_default_model
+    shutil.copytree(models_root, tmp_path / "models")
+    data = DataDir(tmp_path)
+    stream = tmp_path / "stream.jsonl"
+    assert run("corpus", "stream", "--out", str(stream), data_dir=tmp_path).returncode == 0
+    lines = stream.read_text().splitlines()
+    inbox = data.device / "inbox"
+    inbox.mkdir(parents=True)
+
+    def drop(name: str, chunk: list[str]) -> None:
+        (inbox / f"{name}.jsonl.part").write_text("\n".join(chunk) + "\n")
+        (inbox / f"{name}.jsonl.part").rename(inbox / f"{name}.jsonl")
+
+    def status():
+        with DeviceClient(data.device, timeout_s=10) as client:
+            return client.status()
+
+    drop("first", lines[:40])
+    daemon = start_daemon(tmp_path)
+    try:
+        first = wait_for(lambda: (s := status()).personal_version >= 1 and s, daemon)
+        assert first.records == 40 and first.trained_through > 0
+        drop("second", lines[40:300])
+        wait_for(lambda: status().bursts >= 2, daemon)  # training the second file
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(timeout=30)
+
+        daemon = start_daemon(tmp_path)  # resumes from the last saved burst
+        resumed = wait_for(status, daemon)
+        assert resumed.trained_through >= first.trained_through
+        # Row ids run 1..N (nothing deleted): trained and pending add up to what is stored.
+        assert resumed.records == resumed.trained_through + resumed.pending > first.records
+        done = wait_for(lambda: (s := status()).pending == 0 and s, daemon)
+        assert done.trained_through > first.trained_through
+        with DeviceClient(data.device, timeout_s=30) as client:
+            reply = client.generate(["hello"], max_new_tokens=4)
+        assert len(reply.texts) == 1 and done.export
+        daemon.send_signal(signal.SIGTERM)
+        _out, err = daemon.communicate(timeout=60)
+        assert daemon.returncode == 0 and "device daemon stopped" in err
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()

@@ -87,12 +87,14 @@ below replay's (45.8 against 46.1), so the bench uses 32. Rows are already
 length-sorted, so packing has little padding to remove. The 30% goal is not
 met: a million-parameter model is dispatch- and small-matmul-bound.
 
-Results (docs/benchmarks/continual.json: device 0, seed 0, one run of 307 s
-including the 100 s model build; 2 threads, matmul peak 250 GFLOP/s):
+Results (docs/benchmarks/continual.json: device 0, seed 0, one run of 181 s
+with the model build cached; 2 threads, matmul peak 279 GFLOP/s; the methods
+run through `client.learner.ContinualLearner`, the daemon's learner, and gave
+the same accuracies as the bench's own loop did before it moved there):
 | method | avg acc | BWT   | fact EM avg/BWT | text avg/BWT | tokens/s | peak | RSS MB |
-| naive  | 31.2    | -32.9 | 15.2 / -39.4    | 47.3 / -26.3 | 7033     | 20%  | 667    |
-| replay | 48.2    | -13.1 | 27.8 / -21.3    | 68.6 / -5.0  | 7942     | 23%  | 667    |
-| lethe  | 48.9    | -1.6  | 27.8 / -2.3     | 70.0 / -0.9  | 6738     | 19%  | 667    |
+| naive  | 31.2    | -32.9 | 15.2 / -39.4    | 47.3 / -26.3 | 8256     | 21%  | 655    |
+| replay | 48.2    | -13.1 | 27.8 / -21.3    | 68.6 / -5.0  | 8013     | 20%  | 655    |
+| lethe  | 48.9    | -1.6  | 27.8 / -2.3     | 70.0 / -0.9  | 8094     | 21%  | 665    |
 Lethe meets the goal (BWT -1.6, accuracy 48.9 against naive's 31.2). Its
 price is plasticity: right after its own training a later domain scores less
 than under naive fine-tuning (diagonal 61, 52, 41, 43, 55 against 59, 61, 53,
@@ -107,7 +109,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import random
 import resource
 import statistics
 import subprocess
@@ -117,26 +118,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from peft import PeftModel, get_peft_model
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import PreTrainedTokenizerBase
 
-from client.continual import (
-    BlockLayout,
-    BlockMask,
-    ComplementProjection,
-    InputCovariance,
-    OrthogonalityConfig,
-    OrthogonalityPenalty,
-    ReplayConfig,
-    design_block,
-    lora_factors,
-    mix_replay,
-)
-from client.lora_training import LoraTrainConfig, TrainStats, train_adapter_steps
+from client.continual import ReplayConfig
+from client.learner import LETHE_METHOD, ContinualLearner, LearnerConfig, Method
+from client.lora_training import LoraTrainConfig, train_adapter_steps
 from client.record_store import RecordStore
 from edge_models.corpus import Corpus, build_corpus, partition
 from edge_models.default_model import DEFAULT_MODEL_NAME, BuildConfig, build_default_model
@@ -153,21 +144,10 @@ ACCURACY = (
     "per domain, in points: mean of fact exact match (itself the mean over the held-out and "
     "the trained phrasing) and next-token accuracy on the domain's held-out messages"
 )
-Subspace = Literal["none", "inflora", "inflora-train-a", "olora"]
-
-
-@dataclass(frozen=True)
-class Method:
-    """A continual-learning method: whether it replays, and which subspace method it adds."""
-
-    replay: bool
-    subspace: Subspace
-
-
 METHODS: dict[str, Method] = {
     "naive": Method(replay=False, subspace="none"),
     "replay": Method(replay=True, subspace="none"),
-    "lethe": Method(replay=True, subspace="inflora"),
+    "lethe": LETHE_METHOD,
     "replay+olora": Method(replay=True, subspace="olora"),
     "replay+inflora-train-a": Method(replay=True, subspace="inflora-train-a"),
 }
@@ -349,88 +329,6 @@ def _evaluate(
     return scores
 
 
-class _Learner:
-    """One method's device: the personal adapter, the record store, the input sketch."""
-
-    def __init__(
-        self,
-        model: PeftModel,
-        tokenizer: PreTrainedTokenizerBase,
-        store: RecordStore,
-        method: Method,
-        settings: BenchSettings,
-        seed: int,
-    ) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.store = store
-        self.method = method
-        self.settings = settings
-        self.seed = seed
-        self.layout = BlockLayout(settings.block_rank, settings.blocks)
-        self.factors = lora_factors(model, ADAPTER)
-        self.history = InputCovariance(self.factors)
-        self.config = LoraTrainConfig(lr=settings.lr, batch_size=settings.batch_size)
-        self.rng = random.Random(seed)
-
-    def training_set(self, new: list[Record]) -> list[Record]:
-        self.store.ingest(new)
-        if not self.method.replay:
-            return new
-        return mix_replay(new, self.store, ReplayConfig(self.settings.replay_fraction), self.rng)
-
-    def learn(self, index: int, new: list[Record]) -> TrainStats:
-        """Train the domain's steps with the method's hooks; then sketch its inputs."""
-        examples = examples_from_records(self.training_set(new))
-        new_examples = examples_from_records(new)
-        subspace = self.method.subspace
-        extra_loss: Callable[[PeftModel], torch.Tensor] | None = None
-        hooks: list[Callable[[PeftModel], None]] = []
-        rows = self.layout.rows(index)
-        if subspace != "none":
-            hooks.append(BlockMask(self.factors, rows, train_a=subspace != "inflora"))
-        if subspace == "olora":
-            config = OrthogonalityConfig(self.settings.orthogonality_weight)
-            extra_loss = OrthogonalityPenalty(self.factors, self.layout, index, config)
-        projection = None
-        if subspace.startswith("inflora"):
-            new_inputs = InputCovariance(self.factors)
-            new_inputs.observe(self.model, self.tokenizer, new_examples)
-            complement = self.history.complement(self.settings.protected_energy)
-            design_block(self.factors, self.layout, index, complement, new_inputs)
-            if subspace == "inflora-train-a":
-                projection = ComplementProjection(self.factors, rows, complement)
-                hooks.append(projection)
-        stats = train_adapter_steps(
-            self.model,
-            ADAPTER,
-            examples,
-            self.settings.steps_per_domain,
-            self.config,
-            seed=self.seed * 1000 + index,
-            extra_loss=extra_loss,
-            after_backward=_chained(hooks),
-            tokenizer=self.tokenizer,
-        )
-        if projection is not None:
-            projection.settle()
-        if subspace.startswith("inflora"):
-            self.history.observe(self.model, self.tokenizer, new_examples)
-        return stats
-
-
-def _chained(hooks: list[Callable[[PeftModel], None]]) -> Callable[[PeftModel], None] | None:
-    """One `after_backward` hook that runs `hooks` in order (None when there are none)."""
-    if not hooks:
-        return None
-
-    def run(model: PeftModel) -> None:
-        for hook in hooks:
-            hook(model)
-
-    return run
-
-
 def _run_method(
     model_dir: str, name: str, settings: BenchSettings, seed: int, device: str
 ) -> dict[str, Any]:
@@ -459,9 +357,22 @@ def _run_method(
     with tempfile.TemporaryDirectory() as directory:
         store = RecordStore.open(Path(directory) / "records.db", Path(directory) / "keyfile")
         with store:
-            learner = _Learner(model, tokenizer, store, method, settings, seed)
+            config = LearnerConfig(
+                method=method,
+                block_rank=settings.block_rank,
+                blocks=settings.blocks,
+                replay=ReplayConfig(settings.replay_fraction),
+                protected_energy=settings.protected_energy,
+                orthogonality_weight=settings.orthogonality_weight,
+                train=LoraTrainConfig(lr=settings.lr, batch_size=settings.batch_size),
+            )
+            learner = ContinualLearner(model, ADAPTER, tokenizer, store, config, seed)
             for index, task in enumerate(tasks):
-                stats = learner.learn(index, task.records)
+                store.ingest(task.records)
+                learner.start_block()
+                stats = learner.learn(
+                    task.records, settings.steps_per_domain, seed=seed * 1000 + index
+                )
                 train_s += stats.seconds
                 tokens += stats.tokens
                 rows.append([_evaluate(model, tokenizer, seen) for seen in tasks[: index + 1]])

@@ -1,0 +1,195 @@
+"""The daemon's local channel: gRPC on a Unix socket in the device directory.
+
+The Flower ClientApp (a new process per message) and local apps reach the
+warm daemon here instead of loading the model themselves. The socket lives
+in a 0700 directory and every call must carry the daemon's bearer token
+(`shared.auth`), read from a 0600 file: only the device's own user gets in.
+Bad requests end with INVALID_ARGUMENT and change nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from client.daemon import DaemonError, DeviceDaemon
+from client.inference import SamplingParams
+from client.train_step import SharedUpdate
+from shared.auth import TokenAuthInterceptor, bearer_metadata, ensure_token
+from shared.proto import device_pb2, device_pb2_grpc
+from shared.tensors import TensorPayloadError, arrays_from_bytes, arrays_to_bytes
+
+SOCKET_NAME = "daemon.sock"
+TOKEN_NAME = "daemon.token"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_PROMPTS = 64
+MAX_NEW_TOKENS = 512
+MAX_TRAIN_STEPS = 10_000
+
+
+def socket_path(device_dir: Path) -> Path:
+    return device_dir / "run" / SOCKET_NAME
+
+
+def token_path(device_dir: Path) -> Path:
+    return device_dir / "run" / TOKEN_NAME
+
+
+class DeviceServicer(device_pb2_grpc.DeviceServicer):
+    """Answers the local channel from one daemon."""
+
+    def __init__(self, daemon: DeviceDaemon) -> None:
+        self.daemon = daemon
+
+    def Status(  # noqa: N802 (gRPC's method names)
+        self, request: device_pb2.StatusRequest, context: grpc.ServicerContext
+    ) -> device_pb2.StatusReply:
+        status = self.daemon.status()
+        return device_pb2.StatusReply(
+            records=status.records,
+            subjects=status.subjects,
+            pending=status.pending,
+            trained_through=status.trained_through,
+            block=status.block,
+            bursts=status.bursts,
+            export="" if status.export is None else status.export.name,
+            personal_version=status.personal_version,
+            shared_version=status.shared_version,
+        )
+
+    def Generate(  # noqa: N802
+        self, request: device_pb2.GenerateRequest, context: grpc.ServicerContext
+    ) -> device_pb2.GenerateReply:
+        if not 0 < len(request.prompts) <= MAX_PROMPTS:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"send 1 to {MAX_PROMPTS} prompts")
+        if not 0 <= request.max_new_tokens <= MAX_NEW_TOKENS:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"max_new_tokens must be 0 to {MAX_NEW_TOKENS}"
+            )
+        try:
+            params = SamplingParams(
+                max_new_tokens=request.max_new_tokens or SamplingParams.max_new_tokens,
+                temperature=request.temperature,
+                top_k=request.top_k,
+                top_p=request.top_p or 1.0,
+                seed=request.seed if request.HasField("seed") else None,
+            )
+        except ValueError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        completions = self.daemon.generate(list(request.prompts), params)
+        return device_pb2.GenerateReply(
+            texts=[c.text for c in completions],
+            finish_reasons=[c.finish_reason for c in completions],
+        )
+
+    def TrainShared(  # noqa: N802
+        self, request: device_pb2.TrainSharedRequest, context: grpc.ServicerContext
+    ) -> device_pb2.TrainSharedReply:
+        if not 0 < request.steps <= MAX_TRAIN_STEPS:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"steps must be 1 to {MAX_TRAIN_STEPS}")
+        try:
+            adapter = arrays_from_bytes(request.adapter, MAX_MESSAGE_BYTES)
+            update = self.daemon.train_shared(
+                adapter, request.steps, request.seed, request.model_version
+            )
+        except (TensorPayloadError, ValueError) as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except DaemonError as error:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        return device_pb2.TrainSharedReply(
+            delta=arrays_to_bytes(update.delta),
+            seconds_per_step=update.seconds_per_step,
+            samples=update.samples,
+            tokens=update.tokens,
+            loss=update.loss,
+            model_version=request.model_version,
+        )
+
+
+def serve(daemon: DeviceDaemon, device_dir: Path, workers: int = 4) -> grpc.Server:
+    """Start the local channel for `daemon`; the caller stops the returned server."""
+    run_dir = socket_path(device_dir).parent
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(run_dir, 0o700)
+    token = ensure_token(token_path(device_dir))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers),
+        interceptors=[TokenAuthInterceptor(token)],
+        options=_message_limits(),
+    )
+    device_pb2_grpc.add_DeviceServicer_to_server(DeviceServicer(daemon), server)
+    path = socket_path(device_dir)
+    path.unlink(missing_ok=True)  # left by a daemon that was killed
+    server.add_insecure_port(f"unix:{path}")
+    server.start()
+    os.chmod(path, 0o600)
+    return server
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A TrainShared answer as plain data, the delta checked."""
+
+    update: SharedUpdate
+    model_version: int
+
+
+class DeviceClient:
+    """The local channel from the caller's side (the ClientApp, `lethe client ask`)."""
+
+    def __init__(self, device_dir: Path, timeout_s: float = 600.0) -> None:
+        path = socket_path(device_dir)
+        if not path.exists():
+            raise ConnectionError(
+                f"no device daemon is listening at {path}: start `lethe client run`"
+            )
+        self._metadata = bearer_metadata(token_path(device_dir).read_text(encoding="ascii").strip())
+        self._channel = grpc.insecure_channel(f"unix:{path}", options=_message_limits())
+        self._stub = device_pb2_grpc.DeviceStub(self._channel)
+        self._timeout = timeout_s
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> DeviceClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def status(self) -> device_pb2.StatusReply:
+        return self._stub.Status(
+            device_pb2.StatusRequest(), metadata=self._metadata, timeout=self._timeout
+        )
+
+    def generate(self, prompts: list[str], max_new_tokens: int = 0) -> device_pb2.GenerateReply:
+        request = device_pb2.GenerateRequest(prompts=prompts, max_new_tokens=max_new_tokens)
+        return self._stub.Generate(request, metadata=self._metadata, timeout=self._timeout)
+
+    def train_shared(
+        self, adapter: dict[str, np.ndarray], steps: int, seed: int, model_version: int
+    ) -> Reply:
+        request = device_pb2.TrainSharedRequest(
+            adapter=arrays_to_bytes(adapter), steps=steps, seed=seed, model_version=model_version
+        )
+        reply = self._stub.TrainShared(request, metadata=self._metadata, timeout=self._timeout)
+        update = SharedUpdate(
+            delta=arrays_from_bytes(reply.delta, MAX_MESSAGE_BYTES),
+            seconds_per_step=reply.seconds_per_step,
+            samples=reply.samples,
+            tokens=reply.tokens,
+            loss=reply.loss,
+        )
+        return Reply(update, reply.model_version)
+
+
+def _message_limits() -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
