@@ -32,6 +32,11 @@ ADAPTERS = (SHARED, PERSONAL)
 _SHOWN_KEYS = 3  # keys named in an error message
 
 
+def is_lora_b(key: str) -> bool:
+    """Whether an adapter key names a LoRA B factor (the ones federated rounds train)."""
+    return ".lora_B." in key
+
+
 class AdapterStateError(ValueError):
     """An adapter state does not fit the device's adapter; nothing was changed."""
 
@@ -155,7 +160,7 @@ class DeviceModel:
         generator = torch.Generator().manual_seed(seed)
         state = {}
         for key, parameter in sorted(self._parameters(name).items()):
-            if ".lora_B." in key:
+            if is_lora_b(key):
                 state[key] = torch.zeros(parameter.shape, dtype=parameter.dtype)
             else:
                 bound = 1 / math.sqrt(parameter.shape[1])

@@ -244,10 +244,10 @@ class DeviceDaemon:
     # -- what the federated round asks ---------------------------------------
 
     def train_shared(
-        self, global_shared: Mapping[str, np.ndarray], steps: int, seed: int, model_version: int
+        self, global_b: Mapping[str, np.ndarray], steps: int, seed: int, model_version: int
     ) -> SharedUpdate:
         """The federated train step on this device's current records (`client.train_step`)."""
-        state = {key: torch.from_numpy(np.array(value)) for key, value in global_shared.items()}
+        state = {key: torch.from_numpy(np.array(value)) for key, value in global_b.items()}
         with self._lock:
             examples = examples_from_records(list(self.store.records()))
             if not examples:

@@ -103,6 +103,7 @@ def train_adapter_steps(
     after_backward: Callable[[PeftModel], None] | None = None,
     *,
     tokenizer: PreTrainedTokenizerBase,
+    only: Callable[[str], bool] | None = None,
 ) -> TrainStats:
     """Train exactly `steps` optimizer steps of `adapter` on `examples`, in place.
 
@@ -114,11 +115,16 @@ def train_adapter_steps(
     completions only. `after_backward` runs after the gradients are computed
     and before clipping and the step, so a projection it applies is what the
     step uses. The model's `requires_grad` flags and train/eval mode are
-    restored afterwards.
+    restored afterwards. `only`, when given, picks the adapter's tensors that
+    train by key (the rest stay exactly as they are).
     """
     if steps < 0:
         raise ValueError(f"steps must not be negative, got {steps}")
-    parameters = list(adapter_parameters(model, adapter).values())
+    parameters = [
+        p for key, p in adapter_parameters(model, adapter).items() if only is None or only(key)
+    ]
+    if not parameters:
+        raise ValueError(f"no tensor of adapter {adapter!r} was chosen to train")
     if adapter not in model.active_adapters:
         raise ValueError(f"adapter {adapter!r} is not active: training it would change nothing")
     if steps == 0:

@@ -1,6 +1,12 @@
 """The federated train step: what a device does with the global shared adapter.
 
-The coordinator hands a device the global shared adapter and a number of
+The shared adapter's A factors are fixed fleet-wide (drawn from the shared
+seed, `client.adapters`) and only its B factors train, as in FFA-LoRA: then
+every device's update B_i A shares one A, the mean of the products is the
+product of the mean B, and the coordinator aggregates exactly in the space of
+B A by averaging B alone (`coordinator.aggregation`). What travels is B.
+
+The coordinator hands a device the global B factors and a number of
 local steps (FedCompass chooses it so that devices of different speed arrive
 together); the device trains exactly that many steps and sends back the
 difference, with the measurements the scheduler needs. Nothing here reads or
@@ -16,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from client.adapters import SHARED, DeviceModel
+from client.adapters import SHARED, AdapterStateError, DeviceModel, is_lora_b
 from client.lora_training import LoraTrainConfig, train_adapter_steps
 from edge_models.corpus import PromptPair
 
@@ -25,9 +31,9 @@ from edge_models.corpus import PromptPair
 class SharedUpdate:
     """One device's contribution to a round.
 
-    `delta` is trained minus global for every LoRA tensor (A and B apart:
-    aggregating their product exactly is the coordinator's job), in float32
-    whatever the adapter's dtype, keyed as in peft's adapter files.
+    `delta` is trained minus global for every LoRA B tensor (A does not
+    train), in float32 whatever the adapter's dtype, keyed as in peft's
+    adapter files.
     `seconds_per_step` is the device's measured speed for the scheduler.
     """
 
@@ -40,13 +46,13 @@ class SharedUpdate:
 
 def train_shared(
     device_model: DeviceModel,
-    global_shared: Mapping[str, torch.Tensor],
+    global_b: Mapping[str, torch.Tensor],
     examples: Sequence[PromptPair],
     q_steps: int,
     config: LoraTrainConfig,
     seed: int,
 ) -> SharedUpdate:
-    """Load the global shared adapter, train it `q_steps` steps, return the difference.
+    """Load the global B factors, train them `q_steps` steps, return the difference.
 
     The personal adapter stays active (frozen) while the shared one trains:
     the shared adapter learns what the personal one does not already give
@@ -55,7 +61,15 @@ def train_shared(
     """
     if q_steps < 1:
         raise ValueError(f"q_steps must be at least 1, got {q_steps}")
-    device_model.load_adapter_state(SHARED, global_shared)
+    current = device_model.adapter_state(SHARED)
+    b_keys = {k for k in current if is_lora_b(k)}
+    if set(global_b) != b_keys:
+        raise AdapterStateError(
+            f"the global shared adapter must hold exactly the {len(b_keys)} B factors; "
+            f"got {len(set(global_b) & b_keys)} of them and {len(set(global_b) - b_keys)} others"
+        )
+    fixed_a = {k: v for k, v in current.items() if not is_lora_b(k)}
+    device_model.load_adapter_state(SHARED, {**fixed_a, **global_b})
     stats = train_adapter_steps(
         device_model.model,
         SHARED,
@@ -64,11 +78,12 @@ def train_shared(
         config,
         seed,
         tokenizer=device_model.tokenizer,
+        only=is_lora_b,
     )
     trained = device_model.adapter_state(SHARED)
     delta = {
-        key: (value.float() - global_shared[key].detach().cpu().float()).numpy()
-        for key, value in trained.items()
+        key: (trained[key].float() - value.detach().cpu().float()).numpy()
+        for key, value in global_b.items()
     }
     return SharedUpdate(
         delta=delta,

@@ -9,7 +9,14 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from client.adapters import PERSONAL, SHARED, AdapterConfig, AdapterStateError, DeviceModel
+from client.adapters import (
+    PERSONAL,
+    SHARED,
+    AdapterConfig,
+    AdapterStateError,
+    DeviceModel,
+    is_lora_b,
+)
 from client.lora_training import LoraTrainConfig
 from client.train_step import SharedUpdate, train_shared
 from edge_models.training_data import examples_from_records
@@ -46,10 +53,14 @@ def device(tiny_llama: LlamaForCausalLM, tiny_tokenizer: PreTrainedTokenizerFast
 
 
 def global_state(device: DeviceModel) -> dict[str, torch.Tensor]:
-    """A global shared adapter after some rounds: not the device's own starting point."""
+    """The global B factors after some rounds: not the device's own starting point."""
     generator = torch.Generator().manual_seed(2)
     shared = device.adapter_state(SHARED)
-    return {k: 0.05 * torch.randn(v.shape, generator=generator) for k, v in shared.items()}
+    return {
+        k: 0.05 * torch.randn(v.shape, generator=generator)
+        for k, v in shared.items()
+        if is_lora_b(k)
+    }
 
 
 def step(device: DeviceModel, seed: int = 0) -> SharedUpdate:
@@ -60,14 +71,19 @@ def test_the_delta_rebuilds_the_trained_shared_adapter(device: DeviceModel) -> N
     personal = device.adapter_state(PERSONAL)
     base = {n: p.clone() for n, p in device.model.named_parameters() if "lora_" not in n}
     start = global_state(device)
+    shared_a = device.adapter_state(SHARED)
     update = step(device)
 
     trained = device.adapter_state(SHARED)
-    assert update.delta.keys() == trained.keys()
-    for key, value in trained.items():
+    assert update.delta.keys() == start.keys() == {k for k in trained if is_lora_b(k)}
+    for key in start:
         assert update.delta[key].dtype == np.float32
         rebuilt = start[key] + torch.from_numpy(update.delta[key])
-        assert torch.allclose(rebuilt, value, rtol=0, atol=1e-7), key
+        assert torch.allclose(rebuilt, trained[key], rtol=0, atol=1e-7), key
+    # A is fixed fleet-wide: it is what every device drew from the shared seed.
+    for key, value in trained.items():
+        if not is_lora_b(key):
+            assert torch.equal(value, shared_a[key]), key
     assert any(np.abs(d).max() > 0 for d in update.delta.values())
     # Only the shared adapter trained: personal adapter and base are bit for bit as they were.
     assert all(torch.equal(personal[k], v) for k, v in device.adapter_state(PERSONAL).items())
@@ -96,6 +112,9 @@ def test_a_bad_global_adapter_or_step_count_trains_nothing(device: DeviceModel) 
     bad[next(iter(bad))][0, 0] = float("nan")
     with pytest.raises(AdapterStateError, match="NaN"):
         train_shared(device, bad, EXAMPLES, Q_STEPS, CONFIG, 0)
+    with_a = {**global_state(device), **{k: v for k, v in before.items() if not is_lora_b(k)}}
+    with pytest.raises(AdapterStateError, match="exactly the"):
+        train_shared(device, with_a, EXAMPLES, Q_STEPS, CONFIG, 0)
     with pytest.raises(ValueError, match="q_steps"):
         train_shared(device, global_state(device), EXAMPLES, 0, CONFIG, 0)
     assert all(torch.equal(before[k], v) for k, v in device.adapter_state(SHARED).items())

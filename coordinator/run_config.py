@@ -1,0 +1,110 @@
+"""A run's configuration: which policy with which settings, from Flower's run config or flags.
+
+Flower passes `--run-config "policy='fedbuff' buffer-size=3"` to the ServerApp
+as a flat mapping of TOML values; `RunConfig.from_mapping` accepts exactly the
+fields below (dashes or underscores), checks their types, and refuses any
+unknown key with the list of known ones, so a typo never silently runs the
+default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+from coordinator.baselines import (
+    FedAsync,
+    FedAsyncConfig,
+    FedAvg,
+    FedAvgConfig,
+    FedBuff,
+    FedBuffConfig,
+)
+from coordinator.fedcompass import FedCompass, FedCompassConfig
+from coordinator.policy import Policy, Staleness
+
+PolicyName = Literal["fedavg", "fedasync", "fedbuff", "fedcompass"]
+POLICIES: tuple[str, ...] = get_args(PolicyName)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every knob of a run; defaults are the reference ones (ALGORITHMS.md)."""
+
+    policy: PolicyName = "fedcompass"
+    # FedCompass
+    q_min: int = 20
+    q_max: int = 100
+    latest_factor: float = 1.5
+    speed_momentum: float = 0.9
+    server_rate: float = 0.9
+    staleness_a: float = 0.5
+    normalise: Literal["clients", "updates"] = "clients"
+    # the baselines
+    local_steps: int = 50
+    fedavg_rate: float = 1.0
+    fedasync_alpha: float = 0.9
+    buffer_size: int = 3
+    fedbuff_rate: float = 1.0
+    # the run
+    max_versions: int = 0  # 0: no limit
+    max_norm: float = 50.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose one of {POLICIES}")
+        if self.normalise not in ("clients", "updates"):
+            raise ValueError(f"normalise must be 'clients' or 'updates', got {self.normalise!r}")
+        if self.local_steps < 1 or self.buffer_size < 1 or self.max_versions < 0:
+            raise ValueError("local_steps and buffer_size must be >= 1, max_versions >= 0")
+        self.make_policy()  # each policy checks its own settings
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for raw_key, value in values.items():
+            key = raw_key.replace("-", "_")
+            if key not in fields:
+                known = ", ".join(sorted(k.replace("_", "-") for k in fields))
+                raise ValueError(f"unknown run config key {raw_key!r}; known keys: {known}")
+            kwargs[key] = _typed(raw_key, value, type(getattr(cls, key)))
+        return cls(**kwargs)
+
+    def make_policy(self) -> Policy:
+        staleness = Staleness("polynomial", a=self.staleness_a)
+        if self.policy == "fedcompass":
+            return FedCompass(
+                FedCompassConfig(
+                    q_min=self.q_min,
+                    q_max=self.q_max,
+                    latest_factor=self.latest_factor,
+                    speed_momentum=self.speed_momentum,
+                    server_rate=self.server_rate,
+                    staleness=staleness,
+                    normalise=self.normalise,
+                )
+            )
+        if self.policy == "fedavg":
+            return FedAvg(FedAvgConfig(self.local_steps, self.fedavg_rate))
+        if self.policy == "fedasync":
+            return FedAsync(FedAsyncConfig(self.local_steps, self.fedasync_alpha, staleness))
+        return FedBuff(
+            FedBuffConfig(self.local_steps, self.buffer_size, self.fedbuff_rate, staleness)
+        )
+
+
+def _typed(key: str, value: Any, expected: type) -> Any:
+    """`value` as the field's type; ints are fine where floats are expected, nothing else."""
+    if isinstance(value, bool):
+        ok = False
+    elif expected is float:
+        ok = isinstance(value, int | float)
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        raise ValueError(f"run config {key!r} must be a {expected.__name__}, got {value!r}")
+    return float(value) if expected is float else value
