@@ -1,4 +1,4 @@
-"""The daemon's local channel: gRPC on a Unix socket in the device directory.
+"""The daemon's side of its local channel: gRPC on a Unix socket in the device directory.
 
 The Flower ClientApp (a new process per message) and local apps reach the
 warm daemon here instead of loading the model themselves. The socket lives
@@ -11,33 +11,25 @@ from __future__ import annotations
 
 import os
 from concurrent import futures
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import numpy as np
 
 from client.daemon import DaemonError, DeviceDaemon
+from client.device_channel import (
+    MAX_MESSAGE_BYTES,
+    message_limits,
+    socket_path,
+    token_path,
+)
 from client.inference import SamplingParams
-from client.train_step import SharedUpdate
-from shared.auth import TokenAuthInterceptor, bearer_metadata, ensure_token
+from shared.auth import TokenAuthInterceptor, ensure_token
 from shared.proto import device_pb2, device_pb2_grpc
 from shared.tensors import TensorPayloadError, arrays_from_bytes, arrays_to_bytes
 
-SOCKET_NAME = "daemon.sock"
-TOKEN_NAME = "daemon.token"
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_PROMPTS = 64
 MAX_NEW_TOKENS = 512
 MAX_TRAIN_STEPS = 10_000
-
-
-def socket_path(device_dir: Path) -> Path:
-    return device_dir / "run" / SOCKET_NAME
-
-
-def token_path(device_dir: Path) -> Path:
-    return device_dir / "run" / TOKEN_NAME
 
 
 class DeviceServicer(device_pb2_grpc.DeviceServicer):
@@ -120,7 +112,7 @@ def serve(daemon: DeviceDaemon, device_dir: Path, workers: int = 4) -> grpc.Serv
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),
         interceptors=[TokenAuthInterceptor(token)],
-        options=_message_limits(),
+        options=message_limits(),
     )
     device_pb2_grpc.add_DeviceServicer_to_server(DeviceServicer(daemon), server)
     path = socket_path(device_dir)
@@ -129,67 +121,3 @@ def serve(daemon: DeviceDaemon, device_dir: Path, workers: int = 4) -> grpc.Serv
     server.start()
     os.chmod(path, 0o600)
     return server
-
-
-@dataclass(frozen=True)
-class Reply:
-    """A TrainShared answer as plain data, the delta checked."""
-
-    update: SharedUpdate
-    model_version: int
-
-
-class DeviceClient:
-    """The local channel from the caller's side (the ClientApp, `lethe client ask`)."""
-
-    def __init__(self, device_dir: Path, timeout_s: float = 600.0) -> None:
-        path = socket_path(device_dir)
-        if not path.exists():
-            raise ConnectionError(
-                f"no device daemon is listening at {path}: start `lethe client run`"
-            )
-        self._metadata = bearer_metadata(token_path(device_dir).read_text(encoding="ascii").strip())
-        self._channel = grpc.insecure_channel(f"unix:{path}", options=_message_limits())
-        self._stub = device_pb2_grpc.DeviceStub(self._channel)
-        self._timeout = timeout_s
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> DeviceClient:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
-    def status(self) -> device_pb2.StatusReply:
-        return self._stub.Status(
-            device_pb2.StatusRequest(), metadata=self._metadata, timeout=self._timeout
-        )
-
-    def generate(self, prompts: list[str], max_new_tokens: int = 0) -> device_pb2.GenerateReply:
-        request = device_pb2.GenerateRequest(prompts=prompts, max_new_tokens=max_new_tokens)
-        return self._stub.Generate(request, metadata=self._metadata, timeout=self._timeout)
-
-    def train_shared(
-        self, adapter: dict[str, np.ndarray], steps: int, seed: int, model_version: int
-    ) -> Reply:
-        request = device_pb2.TrainSharedRequest(
-            adapter=arrays_to_bytes(adapter), steps=steps, seed=seed, model_version=model_version
-        )
-        reply = self._stub.TrainShared(request, metadata=self._metadata, timeout=self._timeout)
-        update = SharedUpdate(
-            delta=arrays_from_bytes(reply.delta, MAX_MESSAGE_BYTES),
-            seconds_per_step=reply.seconds_per_step,
-            samples=reply.samples,
-            tokens=reply.tokens,
-            loss=reply.loss,
-        )
-        return Reply(update, reply.model_version)
-
-
-def _message_limits() -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ]

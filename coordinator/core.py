@@ -46,6 +46,11 @@ class Work:
     sent_at: float
 
 
+def work_seed(seed: int, node: int, index: int, version: int = 0) -> int:
+    """The training seed of a node's `index`-th piece of work: fixed by the run's seed."""
+    return int(np.random.default_rng([seed, 4, node, index, version]).integers(2**31))
+
+
 @dataclass(frozen=True)
 class InFlight:
     version: int
@@ -72,6 +77,7 @@ class AcceptedUpdate:
     update_id: int
     node: int
     base_version: int
+    steps: int
     delta: dict[str, np.ndarray]
 
 
@@ -79,8 +85,10 @@ class AcceptedUpdate:
 class EventRecord:
     """Everything one event changed, for the journal to write as one transaction."""
 
+    at: float = 0.0
     accepted: AcceptedUpdate | None = None
     rejected: tuple[int, int, str] | None = None  # node, version, reason
+    touched: set[int] = field(default_factory=set)  # nodes whose state the event changed
     commits: list[tuple[Committed, dict[str, np.ndarray]]] = field(default_factory=list)
     policy_state: dict[str, Any] = field(default_factory=dict)
     in_flight: dict[int, InFlight] = field(default_factory=dict)
@@ -138,11 +146,13 @@ class Coordinator:
     # -- events -----------------------------------------------------------------
 
     def join(self, node: int, now: float) -> list[Work]:
-        return self._event(EventRecord(), lambda: self.policy.join(node, now), now)
+        event = EventRecord(touched={node})
+        return self._event(event, lambda: self.policy.join(node, now), now)
 
     def leave(self, node: int, now: float) -> list[Work]:
         self.in_flight.pop(node, None)
-        return self._event(EventRecord(), lambda: self.policy.leave(node, now), now)
+        event = EventRecord(touched={node})
+        return self._event(event, lambda: self.policy.leave(node, now), now)
 
     def deadline(self) -> float | None:
         return self.policy.deadline()
@@ -175,7 +185,7 @@ class Coordinator:
             self.counters.rejected += 1
             log.warning("rejected update from node %d: %s", node, error)
             self.counters.busy_s += time.perf_counter() - started
-            event = EventRecord(rejected=(node, version, str(error)))
+            event = EventRecord(rejected=(node, version, str(error)), touched={node})
             return self._event(event, lambda: [], now)
         assert flight is not None  # check_update refused the update otherwise
         del self.in_flight[node]
@@ -185,7 +195,10 @@ class Coordinator:
         self.counters.accepted += 1
         arrival = Arrival(update_id, node, version, flight.steps, flight.sent_at, max(samples, 1))
         self.counters.busy_s += time.perf_counter() - started
-        event = EventRecord(accepted=AcceptedUpdate(update_id, node, version, checked))
+        event = EventRecord(
+            accepted=AcceptedUpdate(update_id, node, version, flight.steps, checked),
+            touched={node},
+        )
         return self._event(event, lambda: self.policy.arrive(arrival, now), now)
 
     # -- restart ----------------------------------------------------------------
@@ -218,7 +231,9 @@ class Coordinator:
                 event.commits.append(self._aggregate(action, now))
             else:
                 work.append(self._dispatch(action, now))
+                event.touched.add(action.node)
         if self.journal is not None:
+            event.at = now
             event.policy_state = self.policy.snapshot()
             event.in_flight = dict(self.in_flight)
             event.next_update_id = self._next_update

@@ -71,7 +71,7 @@ class RunConfig:
             if key not in fields:
                 known = ", ".join(sorted(k.replace("_", "-") for k in fields))
                 raise ValueError(f"unknown run config key {raw_key!r}; known keys: {known}")
-            kwargs[key] = _typed(raw_key, value, type(getattr(cls, key)))
+            kwargs[key] = typed_value(raw_key, value, type(getattr(cls, key)))
         return cls(**kwargs)
 
     def make_policy(self) -> Policy:
@@ -97,7 +97,7 @@ class RunConfig:
         )
 
 
-def _typed(key: str, value: Any, expected: type) -> Any:
+def typed_value(key: str, value: Any, expected: type) -> Any:
     """`value` as the field's type; ints are fine where floats are expected, nothing else."""
     if isinstance(value, bool):
         ok = False
@@ -108,3 +108,33 @@ def _typed(key: str, value: Any, expected: type) -> Any:
     if not ok:
         raise ValueError(f"run config {key!r} must be a {expected.__name__}, got {value!r}")
     return float(value) if expected is float else value
+
+
+def parse_assignments(items: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings (VALUE in TOML: 3, 0.5, 'text', true) as a mapping."""
+    import tomllib
+
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        try:
+            values[key.strip()] = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"{item!r}: the value is not TOML ({error}); quote text") from error
+    return values
+
+
+def toml_assignments(values: dict[str, Any]) -> str:
+    """The mapping as Flower's `--run-config` wants it: `k1=v1 k2=v2`, values in TOML."""
+    import json
+
+    def literal(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, str):
+            return json.dumps(value)  # a TOML basic string
+        return repr(value)
+
+    return " ".join(f"{key}={literal(value)}" for key, value in values.items())

@@ -226,6 +226,9 @@ def client_run(
     ),
     poll: Annotated[float, typer.Option(help="Seconds between looks at the inbox.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of the personal adapter and its training.")] = 0,
+    threads: Annotated[
+        int, typer.Option(help="CPU threads for training (0: torch's default).")
+    ] = 0,
     device: DeviceOption = "auto",
 ) -> None:
     """The device daemon: ingest the inbox, learn continually, serve the local channel.
@@ -238,9 +241,14 @@ def client_run(
     import threading
 
     from client.daemon import DaemonConfig, DaemonError, DeviceDaemon
-    from client.device_service import serve, socket_path
+    from client.device_channel import socket_path
+    from client.device_service import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
     paths = _data_dir(data_dir)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -304,6 +312,92 @@ def demo(
         f"{summary.subjects_stored} subjects; ONNX answered {summary.answered_correctly}"
         f"/{summary.questions} questions correctly"
     )
+
+
+@app.command("simulate")
+def simulate(
+    policy: Annotated[str, typer.Option(help="fedavg, fedasync, fedbuff or fedcompass.")] = (
+        "fedcompass"
+    ),
+    clients: Annotated[int, typer.Option(help="Virtual clients (SuperNodes).")] = 10,
+    speeds: Annotated[
+        str, typer.Option(help="Client speeds: homogeneous, normal or exponential.")
+    ] = "exponential",
+    partition: Annotated[str, typer.Option(help="dirichlet:ALPHA or iid.")] = "dirichlet:0.5",
+    seed: Annotated[int, typer.Option(help="Seed of data, speeds and training.")] = 1,
+    budget: Annotated[float, typer.Option(help="Virtual seconds to simulate.")] = 4000.0,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the run's curve here.")
+    ] = None,
+    run_config: Annotated[
+        list[str] | None, typer.Option(help="More policy settings, KEY=VALUE (TOML values).")
+    ] = None,
+) -> None:
+    """A simulated fleet through Flower's simulation runtime, on a virtual clock."""
+    from coordinator.simulation.flower_run import SimulationRequest, simulate_with_flower
+
+    try:
+        request = SimulationRequest.create(
+            policy, clients, speeds, partition, seed, budget, run_config or []
+        )
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    result = simulate_with_flower(request)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    curve = result["accuracies"]
+    console.print(
+        f"{policy}: {result['updates']} updates, {result['aggregations']} aggregations, "
+        f"accuracy {curve[0]:.3f} -> {curve[-1]:.3f} in {budget:g} virtual s "
+        f"({result['wall_s']:.1f} s wall, {result['overhead_ms_per_update']:.2f} ms/update)"
+    )
+
+
+@app.command("coordinator")
+def coordinator(
+    superlink: Annotated[str, typer.Option(help="The SuperLink's address (host:port).")] = (
+        "127.0.0.1:9093"
+    ),
+    insecure: Annotated[bool, typer.Option(help="Plain gRPC to the SuperLink (tests).")] = False,
+    root_certificates: Annotated[
+        Path | None, typer.Option(help="CA certificate of the SuperLink's TLS.")
+    ] = None,
+    policy: Annotated[str, typer.Option(help="fedavg, fedasync, fedbuff or fedcompass.")] = (
+        "fedcompass"
+    ),
+    run_name: Annotated[str, typer.Option(help="Lethe run to start or resume.")] = "default",
+    max_versions: Annotated[int, typer.Option(help="Stop after this version (0: never).")] = 0,
+    time_limit: Annotated[float, typer.Option(help="Stop after this many seconds (0: never).")] = (
+        0.0
+    ),
+    state_url: Annotated[
+        str, typer.Option(help="SQLAlchemy URL of the state (default: SQLite in the data dir).")
+    ] = "",
+    run_config: Annotated[
+        list[str] | None, typer.Option(help="More settings, KEY=VALUE (TOML values).")
+    ] = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Submit Lethe's coordinator to a SuperLink and follow it until it ends."""
+    from coordinator.launch import CoordinatorLaunch, launch
+
+    paths = _data_dir(data_dir)
+    settings = {
+        "policy": policy,
+        "run-name": run_name,
+        "max-versions": max_versions,
+        "time-limit-s": time_limit,
+        "state-url": state_url,
+        "data-dir": str(paths.root),
+    }
+    try:
+        request = CoordinatorLaunch.create(
+            superlink, insecure, root_certificates, settings, run_config or [], paths.root
+        )
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    raise typer.Exit(code=launch(request))
 
 
 def main() -> None:

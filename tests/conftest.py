@@ -47,3 +47,15 @@ def built_default_model(tmp_path_factory: pytest.TempPathFactory):
     config = BuildConfig(device="cpu", steps=1200, time_budget_s=None)
     version, report = build_default_model(models_root, config)
     return models_root, version, report
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory: pytest.TempPathFactory):
+    """A real PostgreSQL server (pgserver's bundled binaries), started once per session."""
+    import pgserver
+
+    server = pgserver.get_server(tmp_path_factory.mktemp("postgres"), cleanup_mode="stop")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()

@@ -159,7 +159,7 @@ def test_the_device_daemon_learns_survives_kill_9_and_stops_cleanly(
 ) -> None:
     import signal
 
-    from client.device_service import DeviceClient
+    from client.device_channel import DeviceClient
     from shared.paths import DataDir
 
     models_root, _, _ = built_default_model

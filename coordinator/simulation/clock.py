@@ -23,7 +23,8 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from coordinator.core import Coordinator, Work
+from coordinator.core import Coordinator, Work, work_seed
+from shared.fl_messages import TrainReply
 
 SpeedDistribution = Literal["homogeneous", "normal", "exponential"]
 SPEED_DISTRIBUTIONS: tuple[str, ...] = ("homogeneous", "normal", "exponential")
@@ -52,19 +53,13 @@ def draw_speeds(
     return speeds
 
 
-@dataclass(frozen=True)
-class Reply:
-    delta: dict[str, np.ndarray]
-    samples: int
-
-
 class Transport(Protocol):
     """Carries work to simulated clients and brings their replies back."""
 
     def send(self, work: Work, seed: int) -> object:
         """Start the work (training seeded by `seed`); returns a handle for `receive`."""
 
-    def receive(self, handle: object) -> Reply | None:
+    def receive(self, handle: object) -> TrainReply | None:
         """Block until the reply is there; None when the client failed or is gone."""
 
 
@@ -167,7 +162,7 @@ def run_virtual(
                 if reply is None:
                     send(coordinator.leave(node, now))
                 else:
-                    send(coordinator.arrive(node, piece.version, reply.delta, reply.samples, now))
+                    send(coordinator.arrive(node, reply.version, reply.delta, reply.samples, now))
         if coordinator.counters.aggregations > aggregations:
             curve.times.append(now)
             curve.versions.append(coordinator.version)
@@ -185,19 +180,14 @@ def run_virtual(
     )
 
 
-def work_seed(seed: int, node: int, index: int) -> int:
-    """The training seed of a node's `index`-th piece of work: fixed by the run's seed."""
-    return int(np.random.default_rng([seed, 4, node, index]).integers(2**31))
-
-
 class InProcessTransport:
     """Trains each piece of work right away, in this process (benchmarks, tests)."""
 
-    def __init__(self, train: Callable[[Work, int], Reply | None]) -> None:
+    def __init__(self, train: Callable[[Work, int], TrainReply | None]) -> None:
         self._train = train
 
     def send(self, work: Work, seed: int) -> object:
         return self._train(work, seed)
 
-    def receive(self, handle: object) -> Reply | None:
+    def receive(self, handle: object) -> TrainReply | None:
         return handle  # type: ignore[return-value]

@@ -18,12 +18,12 @@ from coordinator.run_config import RunConfig
 from coordinator.simulation.clock import (
     ClockConfig,
     InProcessTransport,
-    Reply,
     VirtualResult,
     draw_speeds,
     run_virtual,
 )
 from coordinator.simulation.task import Task
+from shared.fl_messages import TrainReply
 
 
 @dataclass(frozen=True)
@@ -67,10 +67,10 @@ class ClientTrainer:
         self.task = task
         self._data = cache(lambda node: task.client_data(node, clients, alpha))
 
-    def __call__(self, work: Work, seed: int) -> Reply:
+    def __call__(self, work: Work, seed: int) -> TrainReply:
         x, y = self._data(work.node)
         delta = self.task.train(work.model, x, y, work.steps, seed)
-        return Reply(delta, samples=len(y))
+        return TrainReply(delta, work.version, len(y), seconds_per_step=0.0, loss=float("nan"))
 
 
 def run_in_process(run: RunConfig, spec: FleetSpec) -> VirtualResult:

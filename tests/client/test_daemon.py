@@ -17,7 +17,8 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from client.adapters import PERSONAL, SHARED, is_lora_b
 from client.continual import ReplayConfig
 from client.daemon import DaemonConfig, DaemonError, DeviceDaemon
-from client.device_service import DeviceClient, serve, token_path
+from client.device_channel import DeviceClient, token_path
+from client.device_service import serve
 from client.learner import LearnerConfig
 from client.lora_training import LoraTrainConfig
 from client.serving import current_export
@@ -179,9 +180,9 @@ def test_the_local_channel_serves_its_owner_only(tmp_path: Path, config: DaemonC
                 }
                 answer = client.train_shared(shared, steps=2, seed=3, model_version=7)
                 assert answer.model_version == 7
-                assert set(answer.update.delta) == set(shared)
-                assert answer.update.samples > 0 and answer.update.seconds_per_step > 0
-                assert any(np.abs(d).max() > 0 for d in answer.update.delta.values())
+                assert set(answer.delta) == set(shared)
+                assert answer.samples > 0 and answer.seconds_per_step > 0
+                assert any(np.abs(d).max() > 0 for d in answer.delta.values())
                 assert client.status().shared_version == 1
 
                 before = daemon.model.adapter_state(SHARED)

@@ -1,0 +1,97 @@
+"""The caller's side of the device daemon's local channel (`client.device_service`).
+
+Kept free of torch and transformers: the Flower ClientApp is a new process
+per message and imports this, so what it imports is paid on every message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from shared.auth import bearer_metadata
+from shared.proto import device_pb2, device_pb2_grpc
+from shared.tensors import arrays_from_bytes, arrays_to_bytes
+
+SOCKET_NAME = "daemon.sock"
+TOKEN_NAME = "daemon.token"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def socket_path(device_dir: Path) -> Path:
+    return device_dir / "run" / SOCKET_NAME
+
+
+def token_path(device_dir: Path) -> Path:
+    return device_dir / "run" / TOKEN_NAME
+
+
+def message_limits() -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
+
+
+@dataclass(frozen=True)
+class SharedTrainAnswer:
+    """A TrainShared answer as plain data, the delta checked."""
+
+    delta: dict[str, np.ndarray]
+    seconds_per_step: float
+    samples: int
+    tokens: int
+    loss: float
+    model_version: int
+
+
+class DeviceClient:
+    """The local channel from the caller's side (the ClientApp, `lethe client ask`)."""
+
+    def __init__(self, device_dir: Path, timeout_s: float = 600.0) -> None:
+        path = socket_path(device_dir)
+        if not path.exists():
+            raise ConnectionError(
+                f"no device daemon is listening at {path}: start `lethe client run`"
+            )
+        self._metadata = bearer_metadata(token_path(device_dir).read_text(encoding="ascii").strip())
+        self._channel = grpc.insecure_channel(f"unix:{path}", options=message_limits())
+        self._stub = device_pb2_grpc.DeviceStub(self._channel)
+        self._timeout = timeout_s
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> DeviceClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def status(self) -> device_pb2.StatusReply:
+        return self._stub.Status(
+            device_pb2.StatusRequest(), metadata=self._metadata, timeout=self._timeout
+        )
+
+    def generate(self, prompts: list[str], max_new_tokens: int = 0) -> device_pb2.GenerateReply:
+        request = device_pb2.GenerateRequest(prompts=prompts, max_new_tokens=max_new_tokens)
+        return self._stub.Generate(request, metadata=self._metadata, timeout=self._timeout)
+
+    def train_shared(
+        self, adapter: dict[str, np.ndarray], steps: int, seed: int, model_version: int
+    ) -> SharedTrainAnswer:
+        request = device_pb2.TrainSharedRequest(
+            adapter=arrays_to_bytes(adapter), steps=steps, seed=seed, model_version=model_version
+        )
+        reply = self._stub.TrainShared(request, metadata=self._metadata, timeout=self._timeout)
+        return SharedTrainAnswer(
+            delta=arrays_from_bytes(reply.delta, MAX_MESSAGE_BYTES),
+            seconds_per_step=reply.seconds_per_step,
+            samples=reply.samples,
+            tokens=reply.tokens,
+            loss=reply.loss,
+            model_version=reply.model_version,
+        )

@@ -1,0 +1,78 @@
+"""The shared adapter as the coordinator holds it: its starting point and how good it is.
+
+The coordinator loads the same base model as the devices and builds the same
+shared adapter (same config, same seed), so its A factors are the ones every
+device drew and B starts at zero. It measures each committed version on text
+no device holds: the loss (and next-token accuracy, which moves far less)
+on the corpus's held-out messages, the style of the records devices learn
+from, written by nobody in the corpus.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from client.adapters import DEFAULT_ADAPTER_CONFIG, SHARED, AdapterConfig, DeviceModel, is_lora_b
+from edge_models.corpus import build_corpus
+from edge_models.evaluation import next_token_accuracy
+from edge_models.loading import load_causal_lm
+
+
+@dataclass(frozen=True)
+class SharedModelConfig:
+    model_dir: str
+    device: str = "auto"
+    corpus_seed: int = 0
+    eval_texts_per_domain: int = 8
+
+
+class SharedModel:
+    def __init__(
+        self, config: SharedModelConfig, adapters: AdapterConfig = DEFAULT_ADAPTER_CONFIG
+    ) -> None:
+        loaded = load_causal_lm(config.model_dir, config.device)
+        self.device_model = DeviceModel(
+            loaded.model, loaded.tokenizer, adapters, device=config.device
+        )
+        # Only base + shared is measured: the coordinator has no personal adapter.
+        self.device_model.model.base_model.set_adapter([SHARED], inference_mode=True)
+        self._b_template = {
+            k: v.float().numpy()
+            for k, v in self.device_model.adapter_state(SHARED).items()
+            if is_lora_b(k)
+        }
+        corpus = build_corpus(config.corpus_seed)
+        self.texts = [
+            text
+            for texts in corpus.heldout_messages.values()
+            for text in texts[: config.eval_texts_per_domain]
+        ]
+
+    def initial_b(self) -> dict[str, np.ndarray]:
+        """B of the fleet's starting point (zeros), whatever has been measured since."""
+        return {k: np.zeros_like(v) for k, v in self._b_template.items()}
+
+    @torch.inference_mode()
+    def measure(self, global_b: dict[str, np.ndarray]) -> dict[str, float]:
+        """Held-out loss (mean NLL per token) and next-token accuracy of base + shared."""
+        state = self.device_model.adapter_state(SHARED)
+        state.update(
+            {k: torch.from_numpy(np.array(v)).to(state[k].dtype) for k, v in global_b.items()}
+        )
+        self.device_model.load_adapter_state(SHARED, state)
+        model, tokenizer = self.device_model.model, self.device_model.tokenizer
+        encoded = tokenizer(
+            [tokenizer.bos_token + t for t in self.texts],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+        ).to(self.device_model.device)
+        labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+        loss = model(**encoded, labels=labels, use_cache=False).loss
+        return {
+            "heldout_loss": float(loss),
+            "heldout_next_token_accuracy": next_token_accuracy(model, tokenizer, self.texts),
+        }
