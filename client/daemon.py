@@ -263,8 +263,9 @@ class DeviceDaemon:
                 {"model_version": model_version},
             )
             self.progress.shared_version = stored.version
-            self._export()
-            return update
+        # The reply does not wait for the export: the round trip is the scheduler's speed.
+        threading.Thread(target=self._export_locked, name="export", daemon=True).start()
+        return update
 
     def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[Completion]:
         return self.served.generator().generate(list(prompts), params)
@@ -360,6 +361,10 @@ class DeviceDaemon:
             return
         self.model.load_adapter_state(SHARED, shared.state)
         self.progress.shared_version = shared.version.version
+
+    def _export_locked(self) -> None:
+        with self._lock:
+            self._export()
 
     def _export(self) -> Path:
         started = time.perf_counter()

@@ -42,6 +42,7 @@ class RunConfig:
     server_rate: float = 0.9
     staleness_a: float = 0.5
     normalise: Literal["clients", "updates"] = "clients"
+    time_weighting: bool = False
     # the baselines
     local_steps: int = 50
     fedavg_rate: float = 1.0
@@ -86,6 +87,7 @@ class RunConfig:
                     server_rate=self.server_rate,
                     staleness=staleness,
                     normalise=self.normalise,
+                    time_weighting=self.time_weighting,
                 )
             )
         if self.policy == "fedavg":
@@ -99,8 +101,8 @@ class RunConfig:
 
 def typed_value(key: str, value: Any, expected: type) -> Any:
     """`value` as the field's type; ints are fine where floats are expected, nothing else."""
-    if isinstance(value, bool):
-        ok = False
+    if isinstance(value, bool) or expected is bool:
+        ok = isinstance(value, bool) and expected is bool
     elif expected is float:
         ok = isinstance(value, int | float)
     else:

@@ -296,6 +296,43 @@ def bench_continual(
     console.print_json(json.dumps(results))
 
 
+@bench_app.command("scheduling")
+def bench_scheduling(
+    json_path: Annotated[Path, typer.Option("--json", help="Where to write the results.")],
+    thousand: Annotated[
+        bool, typer.Option(help="Also time a 1,000-client run through Flower's simulation.")
+    ] = True,
+) -> None:
+    """FedAvg, FedAsync, FedBuff and FedCompass on the same simulated fleets."""
+    from lethe.bench.scheduling import run_scheduling_bench
+
+    results = run_scheduling_bench(json_path, log=err_console.print, thousand=thousand)
+    console.print_json(json.dumps(results))
+
+
+@bench_app.command("clientapp")
+def bench_clientapp(
+    json_path: Annotated[Path, typer.Option("--json", help="Where to write the results.")],
+    model: Annotated[str, typer.Option(help="Stored model name or a local HF model directory.")] = (
+        "default"
+    ),
+    steps: Annotated[int, typer.Option(help="Local steps per message.")] = 10,
+    repeats: Annotated[int, typer.Option(help="Runs (median).")] = 5,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Per-message cost of the ClientApp on top of training: warm daemon against cold start."""
+    from edge_models.model_store import ModelStoreError, resolve_model
+    from lethe.bench.device_channel import run_clientapp_bench
+
+    paths = _data_dir(data_dir)
+    try:
+        model_dir = resolve_model(model, paths.models)
+    except ModelStoreError as exc:
+        raise _fail(f"{exc}; build it with `lethe model build`") from exc
+    results = run_clientapp_bench(json_path, model_dir, steps, repeats, log=err_console.print)
+    console.print_json(json.dumps(results))
+
+
 @app.command("demo")
 def demo(
     data_dir: DataDirOption = None,
