@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 from sqlalchemy import Engine, event
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, create_engine, delete, select
 
 from coordinator.core import EventRecord, InFlight, SavedState
@@ -55,7 +56,11 @@ class StateStore:
         self.files = files / run
         self.run = run
         self.engine = _engine(url)
-        StateTable.metadata.create_all(self.engine)
+        try:
+            StateTable.metadata.create_all(self.engine)
+        except OperationalError:
+            # Another process created the tables between the check and the create.
+            StateTable.metadata.create_all(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()

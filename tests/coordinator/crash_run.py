@@ -20,7 +20,7 @@ from coordinator.simulation.task import Task
 from coordinator.state import StateStore
 from shared.fl_messages import TrainReply
 
-SECONDS_PER_STEP = {0: 0.002, 1: 0.004, 2: 0.008}
+SECONDS_PER_STEP = {0: 0.008, 1: 0.010, 2: 0.013}
 CONFIG = RunConfig(policy="fedcompass", q_min=5, q_max=20)
 
 
