@@ -54,6 +54,7 @@ class ServerSettings:
     model: str = "default"  # deployment: the base model (stored name or directory)
     device: str = "auto"
     # virtual mode: the simulated fleet
+    clients: int = 0  # wait for this many nodes before starting (0: whoever is there)
     budget: float = 4000.0
     speeds: str = "exponential"
     dirichlet_alpha: float = 0.5
@@ -160,15 +161,16 @@ class FlowerTransport:
 
 def run_virtual_on_grid(grid: Grid, settings: ServerSettings, config: RunConfig) -> VirtualResult:
     """A simulated fleet, trained by Flower's ClientApps, timed by the virtual clock."""
-    deadline = time.monotonic() + 120
-    nodes: list[int] = []
-    while time.monotonic() < deadline:
+    # Simulated nodes register one by one: wait for the whole fleet, or the run
+    # would depend on how many happened to be up.
+    wanted = max(settings.clients, 1)
+    deadline = time.monotonic() + 300
+    nodes = sorted(grid.get_node_ids())
+    while len(nodes) < wanted and time.monotonic() < deadline:
+        time.sleep(0.2)
         nodes = sorted(grid.get_node_ids())
-        if nodes:
-            break
-        time.sleep(0.1)
-    if not nodes:
-        raise RuntimeError("no simulated node connected within 120 s")
+    if len(nodes) < wanted:
+        raise RuntimeError(f"only {len(nodes)} of {wanted} simulated nodes connected in 300 s")
     task = Task.create(settings.fleet_seed)
     fleet = GridFleet(grid, settings.ttl_s, dict(enumerate(nodes)))
     fleet.extra = {

@@ -74,6 +74,7 @@ def wait_until(check, what: str, timeout: float) -> object:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_fedcompass_on_a_real_fleet(built_default_model, tmp_path: Path) -> None:
     from client.device_channel import DeviceClient
     from coordinator.state import StateStore

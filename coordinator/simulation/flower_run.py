@@ -46,6 +46,7 @@ class SimulationRequest:
             **parse_assignments(extra),
             "policy": policy,
             "mode": "virtual",
+            "clients": clients,
             "speeds": speeds,
             "dirichlet-alpha": parse_partition(partition),
             "fleet-seed": seed,
