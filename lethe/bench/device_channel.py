@@ -10,7 +10,8 @@ adapter on the default model:
   device path (`_train_on_device`) against the same daemon, timed from the
   process start to its exit, as a SuperNode would pay it;
 - `cold_s`: for comparison, a fresh process that loads the model itself and
-  trains (what the ClientApp would pay without the daemon).
+  trains (what the ClientApp would pay without the daemon; it reads the same
+  records from a JSON-lines file, as the daemon holds the store's lock).
 Medians of `repeats` runs, each run of the three interleaved. Flower's own
 polling (about 1.5 to 4.5 s per round trip, FLOWER_NOTES.md) comes on top
 whichever path is taken, and is not measured here.
@@ -18,6 +19,7 @@ whichever path is taken, and is not measured here.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import statistics
@@ -51,16 +53,13 @@ started = time.perf_counter()
 import torch
 from client.adapters import DeviceModel, SHARED, is_lora_b
 from client.lora_training import LoraTrainConfig
-from client.record_store import RecordStore
 from client.train_step import train_shared
 from edge_models.loading import load_causal_lm
 from edge_models.training_data import examples_from_records
-from shared.paths import DataDir
-data = DataDir(__import__("pathlib").Path(sys.argv[1]))
+from shared.records import parse_jsonl
 loaded = load_causal_lm(sys.argv[2], "cpu")
 device = DeviceModel(loaded.model, loaded.tokenizer, device="cpu")
-with RecordStore.open(data.record_db, data.master_key) as store:
-    examples = examples_from_records(list(store.records()))
+examples = examples_from_records(parse_jsonl(open(sys.argv[1], "rb").read()))
 start_b = {k: v for k, v in device.adapter_state(SHARED).items() if is_lora_b(k)}
 train_shared(device, start_b, examples, int(sys.argv[3]), LoraTrainConfig(batch_size=16), 1)
 print(time.perf_counter() - started)
@@ -79,6 +78,7 @@ def run_clientapp_bench(
     from client.device_service import serve
     from edge_models.corpus import build_corpus, device_stream, partition
     from shared.paths import DataDir
+    from shared.records import parse_record
     from shared.tensors import arrays_to_bytes
 
     load_before = os.getloadavg()
@@ -86,14 +86,17 @@ def run_clientapp_bench(
         data = DataDir(Path(directory)).ensure()
         shutil.copytree(model_dir, data.models / "bench")
         corpus = build_corpus(0)
-        records = device_stream(corpus, partition(corpus, 4, seed=0)[0], seed=0)[:60]
+        stream = device_stream(corpus, partition(corpus, 4, seed=0)[0], seed=0)[:60]
+        records = [parse_record(json.dumps(r).encode()) for r in stream]
         config = DaemonConfig(model=str(data.models / "bench"), device="cpu")
         with DeviceDaemon(data, config) as daemon:
-            daemon.store.ingest(records)  # the record store parses nothing twice
+            daemon.store.ingest(records)
             server = serve(daemon, data.device)
             start_b = {
                 k: v.numpy() for k, v in daemon.model.adapter_state(SHARED).items() if is_lora_b(k)
             }
+            records_file = Path(directory) / "records.jsonl"
+            records_file.write_text("".join(json.dumps(r) + "\n" for r in stream))
             model_file = Path(directory) / "model.safetensors"
             model_file.write_bytes(arrays_to_bytes(start_b))
             train, message, cold = [], [], []
@@ -103,7 +106,7 @@ def run_clientapp_bench(
                     daemon.train_shared(start_b, steps, seed=run, model_version=0)
                     train.append(time.perf_counter() - started)
                     message.append(_timed(_MESSAGE, str(data.root), str(model_file), steps))
-                    cold.append(_timed(_COLD, str(data.root), str(data.models / "bench"), steps))
+                    cold.append(_timed(_COLD, records_file, data.models / "bench", steps))
                     log(
                         f"run {run}: train {train[-1]:.2f} s, message {message[-1]:.2f} s, "
                         f"cold {cold[-1]:.2f} s"
