@@ -66,7 +66,10 @@ not choose it. The target is reached by FedAvg in about three rounds, so
 the race is decided early, where the asynchronous methods' many small
 steps win. Coordinator overhead: 0.055 ms per update for policy and
 aggregation; 6.2 ms with the SQLite journal (an fsync of the update file
-and one of the transaction per event), above the 5 ms goal.
+and one of the transaction per event), above the 5 ms goal. 1,000 clients:
+60,393 updates in 681 s through Flower's simulation runtime, 60 s in
+process, with identical curves (measured after a fix: the first run sent
+the Flower side the default FedCompass settings).
 """
 
 from __future__ import annotations
