@@ -2,9 +2,10 @@
 
 - FedAvg (synchronous): everyone trains Q steps from the same version; the
   server waits for all of them, then applies the sample-weighted mean delta.
-- FedAsync: every arrival is applied alone with weight alpha * S(tau).
 - FedBuff: arrivals are buffered; every K of them are applied together with
   weight rate * S(tau) / K, S(tau) = 1 / sqrt(1 + tau).
+- FedAsync: every arrival is applied alone with weight alpha * S(tau), which
+  is FedBuff with K = 1 and rate alpha, so it is written as exactly that.
 
 All three apply deltas (x <- x + sum w_j delta_j). FedAsync's paper mixes
 models, x <- (1 - a) x + a x_i; with x_i = x_base + delta that equals the
@@ -102,47 +103,6 @@ class FedAvg(Policy):
 
 
 @dataclass(frozen=True)
-class FedAsyncConfig:
-    local_steps: int = 50
-    alpha: float = 0.9
-    staleness: Staleness = field(default_factory=Staleness)
-
-
-class FedAsync(Policy):
-    name = "fedasync"
-
-    def __init__(self, config: FedAsyncConfig = FedAsyncConfig()) -> None:
-        super().__init__()
-        self.config = config
-
-    def join(self, node: int, now: float) -> list[Action]:
-        self.nodes.add(node)
-        return [Dispatch(node, self.config.local_steps, self.version)]
-
-    def arrive(self, arrival: Arrival, now: float) -> list[Action]:
-        tau = self.version - arrival.base_version
-        weight = self.config.alpha * self.config.staleness(tau)
-        self.version += 1
-        actions: list[Action] = [
-            Aggregate((WeightedUpdate(arrival.update_id, arrival.node, weight, tau),), self.version)
-        ]
-        if arrival.node in self.nodes:
-            actions.append(Dispatch(arrival.node, self.config.local_steps, self.version))
-        return actions
-
-    def leave(self, node: int, now: float) -> list[Action]:
-        self.nodes.discard(node)
-        return []
-
-    def snapshot(self) -> dict[str, Any]:
-        return {"version": self.version, "nodes": sorted(self.nodes)}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.version = int(state["version"])
-        self.nodes = set(state["nodes"])
-
-
-@dataclass(frozen=True)
 class FedBuffConfig:
     local_steps: int = 50
     buffer_size: int = 3  # K; FedCompass's comparisons use K <= 5
@@ -202,3 +162,19 @@ class FedBuff(Policy):
         self.version = int(state["version"])
         self.nodes = set(state["nodes"])
         self.buffer = [Arrival(**a) for a in state["buffer"]]
+
+
+@dataclass(frozen=True)
+class FedAsyncConfig:
+    local_steps: int = 50
+    alpha: float = 0.9
+    staleness: Staleness = field(default_factory=Staleness)
+
+
+class FedAsync(FedBuff):
+    """FedBuff with a buffer of one: each arrival applied alone with weight alpha * S(tau)."""
+
+    name = "fedasync"
+
+    def __init__(self, config: FedAsyncConfig = FedAsyncConfig()) -> None:
+        super().__init__(FedBuffConfig(config.local_steps, 1, config.alpha, config.staleness))

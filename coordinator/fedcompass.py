@@ -177,7 +177,11 @@ class FedCompass(Policy):
 
     def _apply(self, updates: list[Arrival], group: int | None, now: float) -> Aggregate:
         divisor = len(self.nodes) if self.config.normalise == "clients" else len(updates)
-        period = self.config.q_max * statistics.median(self.speeds.values())
+        period = (
+            self.config.q_max * statistics.median(self.speeds.values())
+            if self.config.time_weighting
+            else 0.0
+        )
         weighted = []
         for arrival in updates:
             tau = self.version - arrival.base_version

@@ -89,14 +89,21 @@ class ServerSettings:
 class GridFleet:
     """The runner's `Fleet` on Flower's Grid: push work, pull whatever replies are in."""
 
-    def __init__(self, grid: Grid, ttl_s: float, node_ids: dict[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        ttl_s: float,
+        node_ids: dict[int, int] | None = None,
+        workload: dict[str, Any] | None = None,
+    ) -> None:
         self.grid = grid
         self.ttl_s = ttl_s
         self.waiting: dict[str, int] = {}  # message id -> coordinator node
         self.arrived: dict[str, tuple[int, TrainReply | None]] = {}  # pulled, not yet taken
-        # Virtual mode numbers nodes 0..N-1 (speeds and data follow the index).
+        # A simulated fleet numbers nodes 0..N-1 (speeds and data follow the index)
+        # and tells each ClientApp which workload to train.
         self.to_grid = node_ids
-        self.extra: dict[str, Any] = {}
+        self.workload = workload or {}
 
     def node_ids(self) -> set[int]:
         return set(self.grid.get_node_ids())
@@ -142,7 +149,7 @@ class GridFleet:
     def _workload(self, work: Work) -> dict[str, Any]:
         if self.to_grid is None:
             return {}
-        return {"client_index": work.node, **self.extra}
+        return {"client_index": work.node, **self.workload}
 
 
 class FlowerTransport:
@@ -172,12 +179,12 @@ def run_virtual_on_grid(grid: Grid, settings: ServerSettings, config: RunConfig)
     if len(nodes) < wanted:
         raise RuntimeError(f"only {len(nodes)} of {wanted} simulated nodes connected in 300 s")
     task = Task.create(settings.fleet_seed)
-    fleet = GridFleet(grid, settings.ttl_s, dict(enumerate(nodes)))
-    fleet.extra = {
+    workload = {
         "task_seed": settings.fleet_seed,
         "clients": len(nodes),
         "dirichlet_alpha": settings.dirichlet_alpha,
     }
+    fleet = GridFleet(grid, settings.ttl_s, dict(enumerate(nodes)), workload)
     core = Coordinator(config.make_policy(), task.initial_model())
     speeds = draw_speeds(settings.speeds, len(nodes), settings.fleet_seed)
     clock = ClockConfig(budget=settings.budget, seed=settings.fleet_seed)

@@ -16,7 +16,6 @@ The operator console and the deletion API read the same tables.
 from __future__ import annotations
 
 import hashlib
-import json
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -295,11 +294,6 @@ class StateStore:
         if row is None:
             raise StateError(f"run {self.run!r} has no version {version}")
         return self._read(row.path, row.sha256)
-
-    def config(self) -> dict[str, Any]:
-        with Session(self.engine) as session:
-            row = session.get(RunRow, self.run)
-            return {} if row is None else json.loads(json.dumps(row.config))
 
 
 _TWO_63 = 2**63
