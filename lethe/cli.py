@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from shared.paths import DataDir, default_data_dir
+
+if TYPE_CHECKING:
+    from coordinator.deletions.client import DeletionClient
 
 app = typer.Typer(
     help="Lethe: federated continual learning for edge devices that can also forget.",
@@ -435,6 +440,234 @@ def coordinator(
     except ValueError as exc:
         raise _fail(str(exc)) from exc
     raise typer.Exit(code=launch(request))
+
+
+# -- the deletion-request API and receipts -----------------------------------------------------
+
+api_app = typer.Typer(
+    help="The deletion-request API (gRPC): serve, tokens, calls.", no_args_is_help=True
+)
+api_token_app = typer.Typer(help="Bearer tokens of the deletion API.", no_args_is_help=True)
+receipt_app = typer.Typer(help="Signed deletion receipts.", no_args_is_help=True)
+api_app.add_typer(api_token_app, name="token")
+app.add_typer(api_app, name="api")
+app.add_typer(receipt_app, name="receipt")
+
+AddressOption = Annotated[str, typer.Option(help="The deletion API's address (host:port).")]
+TokenOption = Annotated[
+    str, typer.Option(envvar="LETHE_API_TOKEN", help="Bearer token (or $LETHE_API_TOKEN).")
+]
+TlsCaOption = Annotated[
+    Path | None,
+    typer.Option(help="CA certificate of the API's TLS (default: plain gRPC).", exists=True),
+]
+DEFAULT_API_ADDRESS = "127.0.0.1:50061"
+
+
+@api_app.command("serve")
+def api_serve(
+    data_dir: DataDirOption = None,
+    address: AddressOption = DEFAULT_API_ADDRESS,
+    state_url: Annotated[
+        str,
+        typer.Option(help="SQLAlchemy URL (default: SQLite DATA_DIR/coordinator/deletions.db)."),
+    ] = "",
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="TLS certificate chain (PEM).", exists=True, dir_okay=False)
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(help="TLS private key (PEM).", exists=True, dir_okay=False)
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Threads serving calls.")] = 16,
+) -> None:
+    """Serve the deletion-request API until SIGINT or SIGTERM."""
+    import signal
+    import threading
+
+    from coordinator.deletions.access import TokenFileError
+    from coordinator.deletions.layout import ApiFiles
+    from coordinator.deletions.service import serve
+    from coordinator.deletions.store import DeletionStore
+
+    files = ApiFiles(_data_dir(data_dir).root)
+    if (tls_cert is None) != (tls_key is None):
+        raise _fail("give both --tls-cert and --tls-key, or neither")
+    if not files.tokens.exists():
+        raise _fail(f"no tokens file {files.tokens}; make a token with `lethe api token add`")
+    tls = None
+    if tls_cert is not None and tls_key is not None:
+        tls = (tls_cert.read_bytes(), tls_key.read_bytes())
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    files.directory.mkdir(parents=True, exist_ok=True)
+    with DeletionStore(state_url or files.url()) as store:
+        try:
+            server = serve(store, address, files.tokens, tls=tls, workers=workers)
+        except (TokenFileError, OSError, RuntimeError) as exc:
+            raise _fail(str(exc)) from exc
+        err_console.print(f"deletion API listening on {address} ({'TLS' if tls else 'plain'})")
+        stop.wait()
+        server.stop(grace=2).wait()
+    err_console.print("deletion API stopped")
+
+
+@api_token_app.command("add")
+def api_token_add(
+    app_name: Annotated[str, typer.Option("--app", help="The app the token belongs to.")],
+    scope: Annotated[str, typer.Option(help="app (its own subjects) or operator (all).")] = "app",
+    subjects: Annotated[
+        list[str] | None, typer.Option(help="Subject-id glob the app owns (repeatable).")
+    ] = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Make a token; it is printed once (only its sha256 is stored)."""
+    from coordinator.deletions.access import Scope, TokenFileError, add_token
+    from coordinator.deletions.layout import ApiFiles
+
+    if scope not in {s.value for s in Scope}:
+        raise _fail(f"--scope must be one of {[s.value for s in Scope]}")
+    files = ApiFiles(_data_dir(data_dir).root)
+    try:
+        token = add_token(files.tokens, app_name, Scope(scope), subjects or [])
+    except TokenFileError as exc:
+        raise _fail(str(exc)) from exc
+    err_console.print(
+        f"token for {scope} {app_name!r} stored as a hash in {files.tokens}; it is shown only now:"
+    )
+    print(token)
+
+
+@contextmanager
+def _api_client(address: str, token: str, tls_ca: Path | None) -> Iterator[DeletionClient]:
+    """A client of the API for one command; a gRPC error becomes the command's error."""
+    import grpc
+
+    from coordinator.deletions.client import DeletionClient
+
+    if not token:
+        raise _fail("give --token or set LETHE_API_TOKEN")
+    certificates = None if tls_ca is None else tls_ca.read_bytes()
+    with DeletionClient(address, token, root_certificates=certificates) as client:
+        try:
+            yield client
+        except grpc.RpcError as exc:
+            raise _fail(f"{exc.code().name}: {exc.details()}") from exc
+
+
+@api_app.command("submit")
+def api_submit(
+    subject_id: Annotated[str, typer.Argument(help="The subject to forget.")],
+    idempotency_key: Annotated[
+        str, typer.Option(help="Your id for this request: resubmitting it never duplicates.")
+    ],
+    kind: Annotated[list[str] | None, typer.Option(help="Only records of this kind.")] = None,
+    from_ts: Annotated[float | None, typer.Option(help="Only records from this time.")] = None,
+    to_ts: Annotated[float | None, typer.Option(help="Only records before this time.")] = None,
+    address: AddressOption = DEFAULT_API_ADDRESS,
+    token: TokenOption = "",
+    tls_ca: TlsCaOption = None,
+) -> None:
+    """Ask the coordinator to forget a subject (all records, or the selected ones)."""
+    from coordinator.deletions.client import as_json
+    from coordinator.deletions.records import InvalidDeletion, RecordSelector
+
+    try:
+        narrowed = kind or from_ts is not None or to_ts is not None
+        selectors = [RecordSelector(tuple(kind or ()), from_ts, to_ts)] if narrowed else []
+    except InvalidDeletion as exc:
+        raise _fail(str(exc)) from exc
+    with _api_client(address, token, tls_ca) as client:
+        request = client.submit(subject_id, idempotency_key, selectors)
+    console.print_json(json.dumps(as_json(request)))
+
+
+@api_app.command("get")
+def api_get(
+    request_id: Annotated[str, typer.Argument(help="The request's id.")],
+    receipt_out: Annotated[
+        Path | None, typer.Option(help="Write the signed receipt to this file (if there is one).")
+    ] = None,
+    address: AddressOption = DEFAULT_API_ADDRESS,
+    token: TokenOption = "",
+    tls_ca: TlsCaOption = None,
+) -> None:
+    """Show a request: status, history, details and its receipt."""
+    from coordinator.deletions.client import as_json, signed_receipt
+    from shared.durable import atomic_write_bytes
+    from shared.receipts import receipt_file_bytes
+
+    with _api_client(address, token, tls_ca) as client:
+        request = client.get(request_id)
+    console.print_json(json.dumps(as_json(request)))
+    if receipt_out is not None:
+        receipt = signed_receipt(request)
+        if receipt is None:
+            raise _fail("the request has no receipt yet")
+        atomic_write_bytes(receipt_out, receipt_file_bytes(receipt))
+        err_console.print(f"receipt written to {receipt_out}")
+
+
+@api_app.command("list")
+def api_list(
+    status: Annotated[str, typer.Option(help="Only requests in this status.")] = "",
+    page_size: Annotated[int, typer.Option(help="Requests per page (1 to 500).")] = 50,
+    page_token: Annotated[str, typer.Option(help="From a previous page.")] = "",
+    address: AddressOption = DEFAULT_API_ADDRESS,
+    token: TokenOption = "",
+    tls_ca: TlsCaOption = None,
+) -> None:
+    """List requests, oldest first (an app sees its own, an operator all)."""
+    from coordinator.deletions.client import as_json
+    from shared.proto.lethe.v1 import deletion_pb2
+
+    try:
+        wanted = deletion_pb2.Status.Value(status.upper()) if status else 0
+    except ValueError as exc:
+        raise _fail(f"unknown status {status!r}") from exc
+    with _api_client(address, token, tls_ca) as client:
+        page = client.list(wanted, page_size, page_token)
+    shown = {
+        "requests": [as_json(r) for r in page.requests],
+        "next_page_token": page.next_page_token,
+    }
+    console.print_json(json.dumps(shown))
+
+
+@api_app.command("watch")
+def api_watch(
+    request_id: Annotated[str, typer.Argument(help="The request's id.")],
+    address: AddressOption = DEFAULT_API_ADDRESS,
+    token: TokenOption = "",
+    tls_ca: TlsCaOption = None,
+) -> None:
+    """Follow a request until it is VERIFIED (exit 0) or has failed for good (exit 1)."""
+    from coordinator.deletions.client import as_json
+    from shared.proto.lethe.v1 import deletion_pb2
+
+    last = None
+    with _api_client(address, token, tls_ca) as client:
+        for change in client.watch(request_id):
+            print(json.dumps(as_json(change), sort_keys=True), flush=True)
+            last = change
+    if last is None or last.status != deletion_pb2.VERIFIED:
+        raise typer.Exit(code=1)
+
+
+@receipt_app.command("verify")
+def receipt_verify(
+    file: Annotated[Path, typer.Argument(help="Receipt file (`lethe api get --receipt-out`).")],
+    public_key: Annotated[Path, typer.Option(help="The coordinator's public key (PEM).")],
+) -> None:
+    """Check a receipt's signature and body; print its fields if it is genuine."""
+    from shared.receipts import ReceiptError, load_public_key, read_receipt_file, verify_receipt
+
+    try:
+        fields = verify_receipt(read_receipt_file(file.read_bytes()), load_public_key(public_key))
+    except (OSError, ReceiptError) as exc:
+        raise _fail(f"receipt not valid: {exc}") from exc
+    console.print_json(json.dumps(fields))
+    err_console.print(f"valid receipt, signed by key {fields['key_id']}")
 
 
 def main() -> None:

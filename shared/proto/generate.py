@@ -17,10 +17,16 @@ REPO_ROOT = PROTO_DIR.parent.parent
 
 
 def generate(out_root: Path = REPO_ROOT) -> list[Path]:
-    """Compile every `.proto` here into `out_root` (package paths kept); returns the files."""
-    protos = sorted(PROTO_DIR.glob("*.proto"))
+    """Compile every `.proto` here and below into `out_root` (package paths kept).
+
+    Returns the generated files. Versioned APIs live in sub-folders named
+    after their proto package (`lethe/v1/`), so their modules import as
+    `shared.proto.lethe.v1`.
+    """
+    protos = sorted(PROTO_DIR.rglob("*.proto"))
     for proto in protos:
         relative = proto.relative_to(REPO_ROOT)
+        (out_root / relative.parent).mkdir(parents=True, exist_ok=True)  # protoc will not
         status = protoc.main(
             [
                 "grpc_tools.protoc",
@@ -34,7 +40,7 @@ def generate(out_root: Path = REPO_ROOT) -> list[Path]:
         if status != 0:
             raise RuntimeError(f"protoc failed on {relative} with status {status}")
     out_dir = out_root / PROTO_DIR.relative_to(REPO_ROOT)
-    return sorted(p for p in out_dir.iterdir() if "_pb2" in p.name)
+    return sorted(p for p in out_dir.rglob("*") if "_pb2" in p.name)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Lethe's versioned public APIs (proto package `lethe.*`)."""
