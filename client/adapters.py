@@ -4,8 +4,9 @@ The shared adapter is what federated rounds exchange: every device starts it
 from the same seed, so that the coordinator can add up deltas of one common
 starting point. The personal adapter learns from this device's user alone and
 never leaves the device. Both are active whenever the device answers, so what
-it serves is base + shared + personal; `merged_copy` folds both into a plain
-model for the ONNX export.
+it serves is base + shared + personal, plus any unlearning edits (kept apart
+from both adapters); `merged_copy` folds all of it into a plain model for the
+ONNX export.
 
 Both adapters start with LoRA B = 0: a fresh adapter changes nothing, so a
 new device answers exactly like the base model until it has learned.
@@ -23,6 +24,7 @@ from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from client.lora_training import adapter_parameters
+from client.unlearning.edits import AttachedEdits, fold
 from edge_models.loading import LoraTargets, find_lora_targets, lora_config
 from shared.devices import resolve_torch_device
 
@@ -110,6 +112,10 @@ class DeviceModel:
         self.model.eval()
         self.load_adapter_state(SHARED, self._initial_state(SHARED, config.shared_seed))
         self.load_adapter_state(PERSONAL, self._initial_state(PERSONAL, personal_seed))
+        # Unlearning edits ride on top of both adapters, apart from them (`client.unlearning`):
+        # the coordinator's ledger (they belong to the shared model) and this device's own.
+        self.shared_edits = AttachedEdits(self.model)
+        self.device_edits = AttachedEdits(self.model)
 
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
         """A CPU copy of one adapter's LoRA tensors, keyed as in peft's adapter files."""
@@ -142,8 +148,12 @@ class DeviceModel:
         ).logits
 
     def merged_copy(self) -> PreTrainedModel:
-        """A plain model (no peft layers) with both adapters merged, for `ensure_export`."""
-        return copy.deepcopy(self.model).merge_and_unload(adapter_names=list(ADAPTERS)).eval()
+        """A plain model (no peft layers) with both adapters and the edits merged, for
+        `ensure_export`."""
+        with self.shared_edits.suspended(), self.device_edits.suspended():
+            merged = copy.deepcopy(self.model).merge_and_unload(adapter_names=list(ADAPTERS))
+        fold(merged, [*self.shared_edits.edits, *self.device_edits.edits])
+        return merged.eval()
 
     def _parameters(self, name: str) -> dict[str, torch.nn.Parameter]:
         if name not in ADAPTERS:

@@ -1,4 +1,4 @@
-"""Lethe's Flower ClientApp: a SuperNode's train handler.
+"""Lethe's Flower ClientApp: a SuperNode's train and unlearn handlers.
 
 A SuperNode starts a new process for every message, so this handler holds
 no model. On a real device it asks the warm device daemon over its local
@@ -10,6 +10,12 @@ simulated fleet (the request names a workload) it trains the simulated task
 `slowdown` in the node config (a number >= 1) makes a device that slow on
 purpose: after training it waits (slowdown - 1) times the training time, so
 tests can run fleets of very different speed on one machine.
+
+The query handler takes the coordinator's unlearn queries to the daemon: the
+daemon edits its models, shreds the subject and answers with the edit of the
+shared model (`client.daemon.DeviceDaemon.unlearn`). Replies to both carry
+the device's holdings (salted subject hashes), so the coordinator always
+knows which devices to ask.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from shared.fl_messages import TrainReply, TrainRequest
+from shared.fl_messages import TrainReply, TrainRequest, UnlearnQuery, UnlearnResult
 
 app = ClientApp()
 
@@ -46,20 +52,55 @@ def train(message: Message, context: Context) -> Message:
             reply.samples,
             reply.seconds_per_step * slowdown,
             reply.loss,
+            reply.holdings,
         )
     return Message(reply.to_content(), reply_to=message)
 
 
-def _train_on_device(request: TrainRequest, context: Context) -> TrainReply:
+@app.query()
+def unlearn(message: Message, context: Context) -> Message:
     from client.device_channel import DeviceClient
+
+    query = UnlearnQuery.from_content(message.content)
+    with DeviceClient(_device_dir(context)) as device:
+        answer = device.unlearn(query.request_id, query.subject_hash)
+    result = UnlearnResult(
+        request_id=query.request_id,
+        held=answer.held,
+        shared_edit=answer.shared_edit,
+        measurements=answer.measurements,
+        versions={
+            "personal-version-before": answer.personal_version_before,
+            "personal-version-after": answer.personal_version_after,
+            "shared-version": answer.shared_version,
+            "records-deleted": answer.records_deleted,
+        },
+        holdings=answer.holdings,
+    )
+    return Message(result.to_content(), reply_to=message)
+
+
+def _device_dir(context: Context) -> Path:
     from shared.paths import DataDir, default_data_dir
 
     data_dir = context.node_config.get("data-dir")
-    data = DataDir(Path(str(data_dir)) if data_dir else default_data_dir())
-    with DeviceClient(data.device) as device:
-        answer = device.train_shared(request.model, request.steps, request.seed, request.version)
+    return DataDir(Path(str(data_dir)) if data_dir else default_data_dir()).device
+
+
+def _train_on_device(request: TrainRequest, context: Context) -> TrainReply:
+    from client.device_channel import DeviceClient
+
+    with DeviceClient(_device_dir(context)) as device:
+        answer = device.train_shared(
+            request.model, request.steps, request.seed, request.version, request.ledger
+        )
     return TrainReply(
-        answer.delta, answer.model_version, answer.samples, answer.seconds_per_step, answer.loss
+        answer.delta,
+        answer.model_version,
+        answer.samples,
+        answer.seconds_per_step,
+        answer.loss,
+        answer.holdings,
     )
 
 

@@ -39,10 +39,20 @@ from client.lora_training import LoraTrainConfig
 from client.record_store import RecordStore
 from client.serving import ServedModel, current_export, ensure_export
 from client.train_step import SharedUpdate, train_shared
+from client.unlearning.device import (
+    SHARED_EDIT_PREFIX,
+    SubjectUnlearning,
+    settle,
+    unlearn_subject,
+)
+from client.unlearning.edits import LayerEdit, edits_from_arrays, edits_to_arrays
+from client.unlearning.stamp import StampConfig
 from edge_models.default_model import DEFAULT_MODEL_NAME
+from edge_models.evaluation import normalise_answer
 from edge_models.loading import ModelLoadError, load_causal_lm
 from edge_models.model_store import resolve_model
 from edge_models.training_data import examples_from_records
+from shared.holdings import Holdings, ensure_salt, subject_hash
 from shared.paths import DataDir
 from shared.records import Record
 from shared.versioned_store import IntegrityError, NotFoundError, StoreError
@@ -50,6 +60,8 @@ from shared.versioned_store import IntegrityError, NotFoundError, StoreError
 log = logging.getLogger(__name__)
 
 _SKETCH_PREFIX = "sketch."
+_EDIT_PREFIX = "edit."  # this device's edits, saved with the personal adapter
+_LEDGER_PREFIX = "ledger."  # the coordinator's edits, saved with the shared adapter
 
 
 class DaemonError(RuntimeError):
@@ -76,6 +88,7 @@ class DaemonConfig:
     records_per_block: int = 120
     learner: LearnerConfig = LearnerConfig()
     adapters: AdapterConfig = AdapterConfig()
+    unlearning: StampConfig = StampConfig()
     shared_train: LoraTrainConfig = field(default_factory=lambda: LoraTrainConfig(batch_size=16))
 
     def __post_init__(self) -> None:
@@ -112,6 +125,22 @@ class DaemonStatus:
     shared_version: int
 
 
+@dataclass(frozen=True)
+class UnlearnAnswer:
+    """A subject forgotten on this device (or `held` False: no such subject, nothing changed).
+
+    `shared_edit` is what the coordinator applies to the shared model.
+    """
+
+    held: bool
+    shared_edit: LayerEdit | None = None
+    measurements: dict[str, float] = field(default_factory=dict)
+    personal_version_before: int = 0
+    personal_version_after: int = 0
+    shared_version: int = 0
+    records_deleted: int = 0
+
+
 @dataclass
 class _Progress:
     trained_through: int = 0
@@ -129,6 +158,7 @@ class DeviceDaemon:
         self.config = config
         self.inbox = data.device / "inbox"
         self.adapter_root = data.device / "adapters"
+        self.salt = ensure_salt(data.device / "subjects.salt")
         self.inbox.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self.progress = _Progress()
@@ -223,6 +253,7 @@ class DeviceDaemon:
             steps = self._burst_steps(len(new))
             seed = self.config.seed * 1_000_003 + self.progress.bursts
             stats = self.learner.learn(new, steps, seed=seed)
+            self._settle_device_edits()
             self.progress.trained_through = numbered[-1][0]
             self.progress.block_records += len(new)
             self.progress.bursts += 1
@@ -244,28 +275,98 @@ class DeviceDaemon:
     # -- what the federated round asks ---------------------------------------
 
     def train_shared(
-        self, global_b: Mapping[str, np.ndarray], steps: int, seed: int, model_version: int
+        self,
+        global_b: Mapping[str, np.ndarray],
+        steps: int,
+        seed: int,
+        model_version: int,
+        ledger: Sequence[LayerEdit] = (),
     ) -> SharedUpdate:
-        """The federated train step on this device's current records (`client.train_step`)."""
+        """The federated train step on this device's current records (`client.train_step`).
+
+        `ledger` is the coordinator's edit ledger: the shared model is its B
+        factors plus those edits, so both are taken before training.
+        """
         state = {key: torch.from_numpy(np.array(value)) for key, value in global_b.items()}
         with self._lock:
             examples = examples_from_records(list(self.store.records()))
             if not examples:
                 raise DaemonError("the device holds no records to train on")
+            self.model.shared_edits.replace(self._merged_ledger(ledger))
             update = train_shared(
                 self.model, state, examples, steps, self.config.shared_train, seed
             )
-            stored = save_adapter(
-                self.adapter_root,
-                SHARED,
-                self.model.adapter_state(SHARED),
-                self.model.model.peft_config[SHARED],
-                {"model_version": model_version},
-            )
-            self.progress.shared_version = stored.version
+            self._settle_device_edits()
+            self._save_shared(model_version)
         # The reply does not wait for the export: the round trip is the scheduler's speed.
         threading.Thread(target=self._export_locked, name="export", daemon=True).start()
         return update
+
+    def holdings(self) -> Holdings:
+        """This device's announcement: its salt and the salted hash of every subject it holds."""
+        hashes = sorted(subject_hash(self.salt, s) for s in self.store.subject_ids())
+        return Holdings(self.salt, tuple(hashes))
+
+    def unlearn(self, announced: str, request_id: str) -> UnlearnAnswer:
+        """Forget the subject announced as `announced`: edit both models, then shred.
+
+        Order matters for "nothing accepted is lost": the edits (and the
+        sketch without the subject) are saved first, then the subject is
+        shredded, then the export follows. A crash between the save and the
+        shred leaves the edits in place and the records readable; the
+        coordinator's retry finds the edits by request id and only shreds.
+        """
+        with self._lock:
+            subject_id = next(
+                (s for s in self.store.subject_ids() if subject_hash(self.salt, s) == announced),
+                None,
+            )
+            # Edits are named per request and per device, so that the coordinator's ledger can
+            # hold the edits of several devices for one request.
+            edit_name = f"{request_id}:{self.salt[:12]}"
+            shared_id = SHARED_EDIT_PREFIX + edit_name
+            done = next((e for e in self.model.shared_edits.edits if e.edit_id == shared_id), None)
+            if subject_id is None:
+                if done is None:
+                    return UnlearnAnswer(held=False)
+                return UnlearnAnswer(
+                    held=True,
+                    shared_edit=done,
+                    personal_version_before=self.progress.personal_version,
+                    personal_version_after=self.progress.personal_version,
+                    shared_version=self.progress.shared_version,
+                )
+            records = list(self.store.records(subject_id))
+            prompts = [(r.prompt or "", r.completion or "") for r in records if r.kind == "pair"]
+            before = self.progress.personal_version
+            measurements: dict[str, float] = {}
+            if done is None:
+                result = unlearn_subject(
+                    self.model,
+                    self.learner.history,
+                    self.learner.factors,
+                    records,
+                    edit_name,
+                    self.config.unlearning,
+                )
+                self._forget_keys(result)
+                measurements.update(result.measurements)
+                done = result.shared_edit
+                # Older versions still know the subject: keep only the edited ones.
+                self._save_personal(keep=1)
+                self._save_shared(self._shared_model_version(), keep=1)
+            deleted = self.store.delete_subject(subject_id).records_deleted
+            self._export(keep=1)
+            measurements["onnx_forget_em"] = self._served_exact_match(prompts)
+            return UnlearnAnswer(
+                held=True,
+                shared_edit=done,
+                measurements=measurements,
+                personal_version_before=before,
+                personal_version_after=self.progress.personal_version,
+                shared_version=self.progress.shared_version,
+                records_deleted=deleted,
+            )
 
     def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[Completion]:
         return self.served.generator().generate(list(prompts), params)
@@ -298,7 +399,62 @@ class DeviceDaemon:
         passes = self.config.epochs_per_burst * examples / self.config.learner.train.batch_size
         return max(1, min(self.config.max_steps_per_burst, math.ceil(passes)))
 
-    def _save_personal(self) -> None:
+    def _forget_keys(self, result: SubjectUnlearning) -> None:
+        """Take the subject's keys out of the learner's sketch (it must not protect them)."""
+        for name, total in result.downdate.items():
+            self.learner.history.sums[name] -= total
+        self.learner.history.tokens -= result.downdate_tokens
+
+    def _settle_device_edits(self) -> None:
+        """Re-solve this device's edits whose targets drifted after the weights moved."""
+        edits = self.model.device_edits.edits
+        if edits:
+            settled, changed = settle(self.model.model, edits, self.model.shared_edits.edits)
+            if changed:
+                self.model.device_edits.replace(settled)
+                log.info("re-solved %d of %d edits after training moved them", changed, len(edits))
+
+    def _merged_ledger(self, ledger: Sequence[LayerEdit]) -> list[LayerEdit]:
+        """The coordinator's ledger, plus this device's own shared edits it does not hold yet
+        (the coordinator has not taken them in yet)."""
+        known = {e.edit_id for e in ledger}
+        local = [e for e in self.model.shared_edits.edits if e.edit_id not in known]
+        return [*ledger, *local]
+
+    def _shared_model_version(self) -> int:
+        try:
+            return int(load_adapter(self.adapter_root, SHARED).metadata["model_version"])
+        except (NotFoundError, KeyError):
+            return -1
+
+    def _save_shared(self, model_version: int, keep: int | None = None) -> None:
+        extra = {
+            _LEDGER_PREFIX + key: torch.from_numpy(value)
+            for key, value in edits_to_arrays(self.model.shared_edits.edits).items()
+        }
+        stored = save_adapter(
+            self.adapter_root,
+            SHARED,
+            self.model.adapter_state(SHARED),
+            self.model.model.peft_config[SHARED],
+            {"model_version": model_version},
+            extra=extra,
+            **({} if keep is None else {"keep": keep}),
+        )
+        self.progress.shared_version = stored.version
+
+    def _served_exact_match(self, pairs: list[tuple[str, str]]) -> float:
+        """Exact match of the ONNX export on (prompt, completion) pairs: what the device serves."""
+        if not pairs:
+            return float("nan")
+        answers = self.generate([p for p, _ in pairs], SamplingParams(max_new_tokens=12))
+        hits = sum(
+            normalise_answer(a.text) == normalise_answer(c)
+            for a, (_, c) in zip(answers, pairs, strict=True)
+        )
+        return hits / len(pairs)
+
+    def _save_personal(self, keep: int | None = None) -> None:
         state = self.learner.export_state()
         metadata = {
             "trained_through": self.progress.trained_through,
@@ -309,6 +465,8 @@ class DeviceDaemon:
             "sketch_tokens": state.sketch_tokens,
         }
         extra = {_SKETCH_PREFIX + name: total for name, total in state.sketch.items()}
+        for key, value in edits_to_arrays(self.model.device_edits.edits).items():
+            extra[_EDIT_PREFIX + key] = torch.from_numpy(value)
         stored = save_adapter(
             self.adapter_root,
             PERSONAL,
@@ -316,6 +474,7 @@ class DeviceDaemon:
             self.model.model.peft_config[PERSONAL],
             metadata,
             extra=extra,
+            **({} if keep is None else {"keep": keep}),
         )
         self.progress.personal_version = stored.version
 
@@ -343,9 +502,11 @@ class DeviceDaemon:
                         sketch={
                             name.removeprefix(_SKETCH_PREFIX): total
                             for name, total in personal.extra.items()
+                            if name.startswith(_SKETCH_PREFIX)
                         },
                     )
                 )
+                self.model.device_edits.replace(_saved_edits(personal.extra, _EDIT_PREFIX))
             except (KeyError, ValueError) as error:
                 raise DaemonError(
                     f"the saved personal adapter {personal.version.path} does not fit this "
@@ -359,14 +520,21 @@ class DeviceDaemon:
             shared = load_adapter(self.adapter_root, SHARED)
         except NotFoundError:
             return
-        self.model.load_adapter_state(SHARED, shared.state)
+        try:
+            self.model.load_adapter_state(SHARED, shared.state)
+            self.model.shared_edits.replace(_saved_edits(shared.extra, _LEDGER_PREFIX))
+        except ValueError as error:
+            raise DaemonError(
+                f"the saved shared adapter {shared.version.path} does not fit this model "
+                f"({error}); move it away to take the next one from the coordinator"
+            ) from error
         self.progress.shared_version = shared.version.version
 
     def _export_locked(self) -> None:
         with self._lock:
             self._export()
 
-    def _export(self) -> Path:
+    def _export(self, keep: int = 2) -> Path:
         started = time.perf_counter()
         export = ensure_export(
             self.model.merged_copy(),
@@ -374,6 +542,13 @@ class DeviceDaemon:
             self.data.onnx_exports,
             self.config.device,
             self.model.tokenizer,
+            keep=keep,
         )
         log.info("export %s ready in %.1f s", export.name[:12], time.perf_counter() - started)
         return export
+
+
+def _saved_edits(extra: Mapping[str, torch.Tensor], prefix: str) -> list[LayerEdit]:
+    return edits_from_arrays(
+        {k.removeprefix(prefix): v.numpy() for k, v in extra.items() if k.startswith(prefix)}
+    )

@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 
 from shared.auth import bearer_metadata
+from shared.holdings import Holdings
 from shared.proto import device_pb2, device_pb2_grpc
 from shared.tensors import arrays_from_bytes, arrays_to_bytes
 
@@ -46,6 +47,21 @@ class SharedTrainAnswer:
     tokens: int
     loss: float
     model_version: int
+    holdings: Holdings
+
+
+@dataclass(frozen=True)
+class UnlearnAnswer:
+    """An Unlearn answer as plain data; `shared_edit` holds the edit's arrays (checked)."""
+
+    held: bool
+    shared_edit: dict[str, np.ndarray]
+    measurements: dict[str, float]
+    personal_version_before: int
+    personal_version_after: int
+    shared_version: int
+    records_deleted: int
+    holdings: Holdings
 
 
 class DeviceClient:
@@ -81,10 +97,19 @@ class DeviceClient:
         return self._stub.Generate(request, metadata=self._metadata, timeout=self._timeout)
 
     def train_shared(
-        self, adapter: dict[str, np.ndarray], steps: int, seed: int, model_version: int
+        self,
+        adapter: dict[str, np.ndarray],
+        steps: int,
+        seed: int,
+        model_version: int,
+        ledger: dict[str, np.ndarray] | None = None,
     ) -> SharedTrainAnswer:
         request = device_pb2.TrainSharedRequest(
-            adapter=arrays_to_bytes(adapter), steps=steps, seed=seed, model_version=model_version
+            adapter=arrays_to_bytes(adapter),
+            steps=steps,
+            seed=seed,
+            model_version=model_version,
+            ledger=arrays_to_bytes(ledger) if ledger else b"",
         )
         reply = self._stub.TrainShared(request, metadata=self._metadata, timeout=self._timeout)
         return SharedTrainAnswer(
@@ -94,4 +119,29 @@ class DeviceClient:
             tokens=reply.tokens,
             loss=reply.loss,
             model_version=reply.model_version,
+            holdings=holdings_from_proto(reply.holdings),
         )
+
+    def unlearn(self, request_id: str, subject_hash: str) -> UnlearnAnswer:
+        request = device_pb2.UnlearnRequest(request_id=request_id, subject_hash=subject_hash)
+        reply = self._stub.Unlearn(request, metadata=self._metadata, timeout=self._timeout)
+        return UnlearnAnswer(
+            held=reply.held,
+            shared_edit=(
+                arrays_from_bytes(reply.shared_edit, MAX_MESSAGE_BYTES) if reply.shared_edit else {}
+            ),
+            measurements=dict(reply.measurements),
+            personal_version_before=reply.personal_version_before,
+            personal_version_after=reply.personal_version_after,
+            shared_version=reply.shared_version,
+            records_deleted=reply.records_deleted,
+            holdings=holdings_from_proto(reply.holdings),
+        )
+
+
+def holdings_from_proto(message: device_pb2.Holdings) -> Holdings:
+    return Holdings(message.salt, tuple(message.subject_hashes))
+
+
+def holdings_to_proto(holdings: Holdings) -> device_pb2.Holdings:
+    return device_pb2.Holdings(salt=holdings.salt, subject_hashes=list(holdings.subject_hashes))

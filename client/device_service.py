@@ -18,12 +18,15 @@ import grpc
 from client.daemon import DaemonError, DeviceDaemon
 from client.device_channel import (
     MAX_MESSAGE_BYTES,
+    holdings_to_proto,
     message_limits,
     socket_path,
     token_path,
 )
 from client.inference import SamplingParams
+from client.unlearning.edits import edits_from_arrays, edits_to_arrays
 from shared.auth import TokenAuthInterceptor, ensure_token
+from shared.holdings import is_subject_hash
 from shared.proto import device_pb2, device_pb2_grpc
 from shared.tensors import TensorPayloadError, arrays_from_bytes, arrays_to_bytes
 
@@ -86,8 +89,13 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"steps must be 1 to {MAX_TRAIN_STEPS}")
         try:
             adapter = arrays_from_bytes(request.adapter, MAX_MESSAGE_BYTES)
+            ledger = (
+                edits_from_arrays(arrays_from_bytes(request.ledger, MAX_MESSAGE_BYTES))
+                if request.ledger
+                else []
+            )
             update = self.daemon.train_shared(
-                adapter, request.steps, request.seed, request.model_version
+                adapter, request.steps, request.seed, request.model_version, ledger
             )
         except (TensorPayloadError, ValueError) as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
@@ -100,7 +108,36 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
             tokens=update.tokens,
             loss=update.loss,
             model_version=request.model_version,
+            holdings=self._holdings(),
         )
+
+    def Unlearn(  # noqa: N802
+        self, request: device_pb2.UnlearnRequest, context: grpc.ServicerContext
+    ) -> device_pb2.UnlearnReply:
+        if not is_subject_hash(request.subject_hash):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "subject_hash must be 64 hex digits")
+        if not 0 < len(request.request_id) <= 128 or "|" in request.request_id:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "request_id must be 1 to 128 characters, no '|'"
+            )
+        try:
+            answer = self.daemon.unlearn(request.subject_hash, request.request_id)
+        except (DaemonError, ValueError) as error:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        edit = b"" if answer.shared_edit is None else edits_to_arrays([answer.shared_edit])
+        return device_pb2.UnlearnReply(
+            held=answer.held,
+            shared_edit=arrays_to_bytes(edit) if edit else b"",
+            measurements=answer.measurements,
+            personal_version_before=answer.personal_version_before,
+            personal_version_after=answer.personal_version_after,
+            shared_version=answer.shared_version,
+            records_deleted=answer.records_deleted,
+            holdings=self._holdings(),
+        )
+
+    def _holdings(self) -> device_pb2.Holdings:
+        return holdings_to_proto(self.daemon.holdings())
 
 
 def serve(daemon: DeviceDaemon, device_dir: Path, workers: int = 4) -> grpc.Server:

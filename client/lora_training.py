@@ -5,12 +5,15 @@ adapters through `train_adapter_steps`, so a figure measured in a benchmark
 is a figure of the code a device runs, and a change to how adapters learn
 reaches every user at once. Methods differ only in what they add through the
 two hooks: a regulariser (`extra_loss`) or an edit of the gradients before
-the step (`after_backward`).
+the step (`after_backward`). Training-based unlearning baselines replace the
+language-model loss itself (`batch_loss`) and end when a measure says so
+(`stop`).
 
-A call trains exactly the number of optimizer steps it is given, because the
-coordinator's scheduler hands out work in steps and predicts arrival times
-from them. It is deterministic for equal inputs and seed, so that two devices
-(or two runs of a benchmark) given the same work produce the same update.
+A call trains exactly the number of optimizer steps it is given (unless its
+`stop` ends it), because the coordinator's scheduler hands out work in steps
+and predicts arrival times from them. It is deterministic for equal inputs
+and seed, so that two devices (or two runs of a benchmark) given the same
+work produce the same update.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from edge_models.corpus import PromptPair
-from edge_models.training_data import encode_example, padded_batches
+from edge_models.training_data import Batch, encode_example, padded_batches
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,9 @@ class TrainStats:
     """What one training call did; the scheduler learns a device's speed from it.
 
     `tokens` counts the real (unpadded) input tokens processed; `mean_loss`
-    is the mean language-model loss over the steps, without `extra_loss`, so
-    that runs with and without a regulariser compare.
+    is the mean language-model loss over the steps (or of `batch_loss`, when
+    one replaces it), without `extra_loss`, so that runs with and without a
+    regulariser compare. `seconds` leaves out the time spent in `stop`.
     """
 
     steps: int
@@ -104,6 +108,8 @@ def train_adapter_steps(
     *,
     tokenizer: PreTrainedTokenizerBase,
     only: Callable[[str], bool] | None = None,
+    batch_loss: Callable[[PeftModel, Batch], torch.Tensor] | None = None,
+    stop: Callable[[int], bool] | None = None,
 ) -> TrainStats:
     """Train exactly `steps` optimizer steps of `adapter` on `examples`, in place.
 
@@ -116,7 +122,11 @@ def train_adapter_steps(
     and before clipping and the step, so a projection it applies is what the
     step uses. The model's `requires_grad` flags and train/eval mode are
     restored afterwards. `only`, when given, picks the adapter's tensors that
-    train by key (the rest stay exactly as they are).
+    train by key (the rest stay exactly as they are). `batch_loss`, when
+    given, is the loss of a batch (input ids, attention mask, labels, on the
+    model's device) in place of the language-model loss. `stop`, when given,
+    is asked after each step with the number of steps done; True ends the
+    call there, and the stats count the steps that ran.
     """
     if steps < 0:
         raise ValueError(f"steps must not be negative, got {steps}")
@@ -135,16 +145,19 @@ def train_adapter_steps(
         encoded, config.batch_size, tokenizer.pad_token_id, torch.Generator().manual_seed(seed)
     )
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    samples = tokens = 0
-    loss_sum = 0.0
+    samples = tokens = done = 0
+    loss_sum = stopping = 0.0
     with _training_only(model, parameters), torch.random.fork_rng():
         torch.manual_seed(seed)
         started = time.perf_counter()
         for _ in range(steps):
             input_ids, mask, labels = (t.to(device) for t in next(batches))
-            loss = model(
-                input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False
-            ).loss
+            if batch_loss is None:
+                loss = model(
+                    input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False
+                ).loss
+            else:
+                loss = batch_loss(model, (input_ids, mask, labels))
             total = loss if extra_loss is None else loss + extra_loss(model)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
@@ -155,9 +168,16 @@ def train_adapter_steps(
             loss_sum += loss.item()
             samples += input_ids.shape[0]
             tokens += int(mask.sum().item())
-        seconds = time.perf_counter() - started
+            done += 1
+            if stop is not None:
+                asked = time.perf_counter()
+                ended = stop(done)
+                stopping += time.perf_counter() - asked
+                if ended:
+                    break
+        seconds = time.perf_counter() - started - stopping
     return TrainStats(
-        steps=steps, samples=samples, tokens=tokens, seconds=seconds, mean_loss=loss_sum / steps
+        steps=done, samples=samples, tokens=tokens, seconds=seconds, mean_loss=loss_sum / done
     )
 
 

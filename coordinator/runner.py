@@ -54,8 +54,13 @@ def run_wall_clock(
     clock: Callable[[], float] = time.time,
     should_stop: Callable[[], bool] = lambda: False,
     on_version: Callable[[int, dict[str, np.ndarray]], None] | None = None,
+    between: Callable[[], None] | None = None,
 ) -> None:
-    """Run until `max_versions`, the time limit, or `should_stop()`."""
+    """Run until `max_versions`, the time limit, or `should_stop()`.
+
+    `between` runs once per loop, after the scheduling work (the deletion
+    propagation), in this same thread: nothing it touches races the core.
+    """
     started = clock()
     sent: dict[int, int] = {}  # node -> pieces of work sent, for the seeds
     last_discovery = -float("inf")
@@ -98,6 +103,8 @@ def run_wall_clock(
             reported = core.version
             if on_version is not None:
                 on_version(core.version, core.model)
+        if between is not None:
+            between()
         if config.max_versions and core.version >= config.max_versions:
             break
         if config.time_limit_s is not None and clock() - started >= config.time_limit_s:

@@ -7,6 +7,10 @@ Two modes, one core (`coordinator.core`):
   replies (expired TTL, a node gone) make the node leave its group, whose
   deadline still holds; nodes that connect mid-run join. State is durable
   (`coordinator.state`): a restarted coordinator resumes the run.
+  Between its scheduling work the loop carries deletion requests from the
+  API's store to the devices that hold the subject and into the shared
+  model's edit ledger (`coordinator.deletions.propagation`); train messages
+  carry the ledger, so every device serves the shared model with the edits.
 - `virtual` (a simulated fleet, `lethe simulate`): the virtual clock
   (`coordinator.simulation.clock`) decides when each reply counts; Flower's
   simulation runtime does the training.
@@ -29,17 +33,27 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
+from client.unlearning.edits import edits_to_arrays
 from coordinator.core import Coordinator, Work
+from coordinator.deletions.propagation import Propagator
 from coordinator.run_config import RunConfig, typed_value
 from coordinator.runner import WallClockConfig, run_wall_clock
 from coordinator.simulation.clock import ClockConfig, VirtualResult, draw_speeds, run_virtual
 from coordinator.simulation.task import Task
 from coordinator.state import StateStore
-from shared.fl_messages import MessageError, TrainReply, TrainRequest
+from shared.fl_messages import (
+    MessageError,
+    TrainReply,
+    TrainRequest,
+    UnlearnQuery,
+    UnlearnResult,
+)
 from shared.paths import DataDir, default_data_dir
 
 log = logging.getLogger(__name__)
 TRAIN = "train"
+QUERY = "query"
+PROPAGATION_EVERY_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,7 @@ class ServerSettings:
     run_name: str = "default"
     data_dir: str = ""  # the coordinator's data directory ("": $LETHE_DATA_DIR or ~/.lethe)
     state_url: str = ""  # "": SQLite in DATA_DIR/coordinator
+    deletions_url: str = ""  # the deletion API's store ("": SQLite in DATA_DIR/coordinator)
     ttl_s: float = 600.0
     time_limit_s: float = 0.0  # 0: no limit
     poll_s: float = 0.05
@@ -95,9 +110,11 @@ class GridFleet:
         ttl_s: float,
         node_ids: dict[int, int] | None = None,
         workload: dict[str, Any] | None = None,
+        state: StateStore | None = None,
     ) -> None:
         self.grid = grid
         self.ttl_s = ttl_s
+        self.state = state  # deployment: holdings are recorded, the ledger is sent
         self.waiting: dict[str, int] = {}  # message id -> coordinator node
         self.arrived: dict[str, tuple[int, TrainReply | None]] = {}  # pulled, not yet taken
         # A simulated fleet numbers nodes 0..N-1 (speeds and data follow the index)
@@ -109,7 +126,10 @@ class GridFleet:
         return set(self.grid.get_node_ids())
 
     def send(self, work: Work, seed: int) -> str:
-        request = TrainRequest(work.model, work.steps, work.version, seed, **self._workload(work))
+        ledger = {} if self.state is None else edits_to_arrays(self.state.ledger())
+        request = TrainRequest(
+            work.model, work.steps, work.version, seed, **self._workload(work), ledger=ledger
+        )
         destination = work.node if self.to_grid is None else self.to_grid[work.node]
         message = Message(request.to_content(), destination, TRAIN, ttl=self.ttl_s)
         [message_id] = list(self.grid.push_messages([message]))
@@ -141,10 +161,47 @@ class GridFleet:
             log.warning("node %d replied with an error: %s", node, reply.error.reason)
             return node, None
         try:
-            return node, TrainReply.from_content(reply.content)
+            parsed = TrainReply.from_content(reply.content)
         except MessageError as error:
             log.warning("node %d sent a malformed reply: %s", node, error)
             return node, None
+        if parsed.holdings is not None and self.state is not None:
+            self.state.record_holdings(node, parsed.holdings)
+        return node, parsed
+
+
+class GridQueries:
+    """Unlearn queries over the Grid (Flower's "query" messages), for the `Propagator`."""
+
+    def __init__(self, grid: Grid, ttl_s: float) -> None:
+        self.grid = grid
+        self.ttl_s = ttl_s
+        self.waiting: dict[str, int] = {}
+
+    def connected(self) -> set[int]:
+        return set(self.grid.get_node_ids())
+
+    def send(self, node: int, query: UnlearnQuery) -> str:
+        message = Message(query.to_content(), node, QUERY, ttl=self.ttl_s)
+        [message_id] = list(self.grid.push_messages([message]))
+        self.waiting[message_id] = node
+        return message_id
+
+    def poll(self) -> list[tuple[str, int, UnlearnResult | None, str]]:
+        if not self.waiting:
+            return []
+        out = []
+        for reply in self.grid.pull_messages(list(self.waiting)):
+            handle = reply.metadata.reply_to_message_id
+            node = self.waiting.pop(handle)
+            if reply.has_error():
+                out.append((handle, node, None, reply.error.reason))
+                continue
+            try:
+                out.append((handle, node, UnlearnResult.from_content(reply.content), ""))
+            except MessageError as error:
+                out.append((handle, node, None, f"malformed answer: {error}"))
+        return out
 
     def _workload(self, work: Work) -> dict[str, Any]:
         if self.to_grid is None:
@@ -192,12 +249,17 @@ def run_virtual_on_grid(grid: Grid, settings: ServerSettings, config: RunConfig)
 
 
 def run_deployment(grid: Grid, settings: ServerSettings, config: RunConfig) -> None:
+    from coordinator.deletions.layout import ApiFiles
+    from coordinator.deletions.store import DeletionStore
     from coordinator.shared_model import SharedModel, SharedModelConfig
     from edge_models.model_store import resolve_model
+    from shared.receipts import ensure_signing_key
 
     files = settings.state_files()
     files.mkdir(parents=True, exist_ok=True)
     store = StateStore(settings.database_url(), files, settings.run_name)
+    api = ApiFiles(settings.data().root)
+    deletions = DeletionStore(settings.deletions_url or api.url())
     model_dir = resolve_model(settings.model, settings.data().models)
     shared = SharedModel(SharedModelConfig(str(model_dir), settings.device))
     saved = store.start(config.policy, dataclasses.asdict(config), shared.initial_b())
@@ -205,15 +267,37 @@ def run_deployment(grid: Grid, settings: ServerSettings, config: RunConfig) -> N
     if saved is not None:
         core.restore(saved)
         log.info("resumed run %r at version %d", settings.run_name, core.version)
-    else:
-        for name, value in shared.measure(core.model).items():
+    shared.load(core.version, core.model, store.ledger())
+    if saved is None:
+        for name, value in shared.measure().items():
             store.record_metric(0, name, value)
 
-    def measured(version: int, model: dict) -> None:
-        metrics = shared.measure(model)
+    def aggregated(version: int, model: dict) -> None:
+        shared.load(version, model, store.ledger())
+        for edit in shared.settle_ledger():
+            store.revise_edit(edit)
+            log.info("ledger edit %s re-solved for version %d", edit.edit_id, version)
+        metrics = shared.measure()
         for name, value in metrics.items():
             store.record_metric(version, name, value)
         log.info("version %d: %s", version, metrics)
+
+    propagator = Propagator(
+        deletions,
+        store,
+        GridQueries(grid, settings.ttl_s),
+        shared,
+        ensure_signing_key(api.signing_key),
+    )
+
+    last_step = [0.0]
+
+    def between() -> None:
+        if time.monotonic() - last_step[0] < PROPAGATION_EVERY_S:
+            return
+        last_step[0] = time.monotonic()
+        if propagator.step():  # new edits joined the ledger: serve them from now on
+            shared.load(core.version, core.model, store.ledger())
 
     wall = WallClockConfig(
         poll_s=settings.poll_s,
@@ -224,12 +308,14 @@ def run_deployment(grid: Grid, settings: ServerSettings, config: RunConfig) -> N
     try:
         run_wall_clock(
             core,
-            GridFleet(grid, settings.ttl_s),
+            GridFleet(grid, settings.ttl_s, state=store),
             wall,
             resumed=saved is not None,
-            on_version=measured,
+            on_version=aggregated,
+            between=between,
         )
     finally:
+        deletions.close()
         store.close()
 
 

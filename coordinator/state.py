@@ -10,6 +10,10 @@ the previous event's state (the files written for nothing are overwritten
 later); after it, the new one. On restart `resume` gives the core back its
 committed model, pending updates (checksums verified) and policy state.
 
+Beside the run, it keeps what the deletion propagation needs: each node's
+last announcement of the subjects it holds (salted hashes) and the edit
+ledger, the unlearning edits of the shared model (files like the versions).
+
 The operator console and the deletion API read the same tables.
 """
 
@@ -28,9 +32,12 @@ from sqlalchemy import Engine, event
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, create_engine, delete, select
 
+from client.unlearning.edits import LayerEdit, edits_from_arrays, edits_to_arrays
 from coordinator.core import EventRecord, InFlight, SavedState
 from coordinator.state_tables import (
+    EditRow,
     GroupRow,
+    HoldingRow,
     MetricRow,
     ModelVersionRow,
     NodeRow,
@@ -40,6 +47,7 @@ from coordinator.state_tables import (
     UpdateRow,
 )
 from shared.durable import atomic_write_bytes
+from shared.holdings import Holdings
 from shared.tensors import arrays_from_bytes, arrays_to_bytes
 
 
@@ -234,6 +242,87 @@ class StateStore:
                 )
             )
 
+    # -- what devices hold, and the edit ledger ----------------------------------------
+
+    def record_holdings(self, node: int, holdings: Holdings) -> None:
+        with Session(self.engine) as session:
+            row = session.exec(
+                select(HoldingRow).where(HoldingRow.run == self.run, HoldingRow.node == to_db(node))
+            ).first() or HoldingRow(
+                run=self.run, node=to_db(node), salt="", subject_hashes=[], at=0
+            )
+            row.salt = holdings.salt
+            row.subject_hashes = list(holdings.subject_hashes)
+            row.at = time.time()
+            session.add(row)
+            session.commit()
+
+    def holdings(self) -> dict[int, Holdings]:
+        with Session(self.engine) as session:
+            rows = session.exec(select(HoldingRow).where(HoldingRow.run == self.run)).all()
+            return {from_db(r.node): Holdings(r.salt, tuple(r.subject_hashes)) for r in rows}
+
+    def add_edit(self, edit: LayerEdit, request_id: str, node: int, version: int) -> bool:
+        """Put an edit into the ledger (file first, then the row); False if it is there already
+        (a device's answer that came twice)."""
+        with Session(self.engine) as session:
+            if self._edit_row(session, edit.edit_id) is not None:
+                return False
+            path, digest = self._write(
+                f"edits/{edit.edit_id}.r0.safetensors", edits_to_arrays([edit])
+            )
+            session.add(
+                EditRow(
+                    run=self.run,
+                    edit_id=edit.edit_id,
+                    request_id=request_id,
+                    node=to_db(node),
+                    layer=edit.layer,
+                    path=path,
+                    sha256=digest,
+                    added_at=time.time(),
+                    added_in_version=self._version(session),
+                )
+            )
+            session.commit()
+        return True
+
+    def revise_edit(self, edit: LayerEdit) -> None:
+        """Store the re-solved form of a ledger edit (a new file, then the row points at it)."""
+        with Session(self.engine) as session:
+            row = self._edit_row(session, edit.edit_id)
+            if row is None:
+                raise StateError(f"edit {edit.edit_id!r} is not in the ledger")
+            revision = row.revision + 1
+            name = f"edits/{edit.edit_id}.r{revision}.safetensors"
+            row.path, row.sha256 = self._write(name, edits_to_arrays([edit]))
+            row.revision = revision
+            row.revised_at = time.time()
+            session.add(row)
+            session.commit()
+
+    def ledger(self) -> list[LayerEdit]:
+        """Every edit of the shared model, in the order they joined (checksums verified)."""
+        with Session(self.engine) as session:
+            rows = session.exec(
+                select(EditRow).where(EditRow.run == self.run).order_by(EditRow.id)
+            ).all()
+            return [e for r in rows for e in edits_from_arrays(self._read(r.path, r.sha256))]
+
+    def edit_rows(self) -> list[EditRow]:
+        with Session(self.engine) as session:
+            query = select(EditRow).where(EditRow.run == self.run)
+            return _unsigned_nodes(session.exec(query.order_by(EditRow.id)))
+
+    def _edit_row(self, session: Session, edit_id: str) -> EditRow | None:
+        return session.exec(
+            select(EditRow).where(EditRow.run == self.run, EditRow.edit_id == edit_id)
+        ).first()
+
+    def _version(self, session: Session) -> int:
+        row = session.get(RunRow, self.run)
+        return 0 if row is None else row.version
+
     # -- files ----------------------------------------------------------------------
 
     def _write(self, name: str, arrays: dict[str, np.ndarray]) -> tuple[str, str]:
@@ -308,7 +397,7 @@ def from_db(value: int) -> int:
     return value + 2 * _TWO_63 if value < 0 else value
 
 
-RowWithNode = TypeVar("RowWithNode", NodeRow, UpdateRow, RejectionRow)
+RowWithNode = TypeVar("RowWithNode", NodeRow, UpdateRow, RejectionRow, EditRow)
 
 
 def _unsigned_nodes(rows: Iterable[RowWithNode]) -> list[RowWithNode]:

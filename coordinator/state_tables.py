@@ -125,3 +125,39 @@ class MetricRow(StateTable, table=True):
     version: int
     name: str
     value: float
+
+
+class HoldingRow(StateTable, table=True):
+    """A node's last announcement of the subjects it holds (salted hashes, never ids)."""
+
+    __tablename__ = "coordinator_holdings"
+    __table_args__ = (UniqueConstraint("run", "node"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    run: str = Field(foreign_key="coordinator_runs.name", index=True)
+    node: int = Field(sa_column=Column(BigInteger, nullable=False))
+    salt: str
+    subject_hashes: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    at: float
+
+
+class EditRow(StateTable, table=True):
+    """One edit in the ledger: an unlearning edit of the shared model, served on top of every
+    version after it. `revision` counts the closed-form re-solves after aggregations moved the
+    weights under it; the file holds the current revision."""
+
+    __tablename__ = "coordinator_edits"
+    __table_args__ = (UniqueConstraint("run", "edit_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    run: str = Field(foreign_key="coordinator_runs.name", index=True)
+    edit_id: str
+    request_id: str = Field(index=True)
+    node: int = Field(sa_column=Column(BigInteger, nullable=False))
+    layer: str
+    path: str
+    sha256: str
+    added_at: float
+    added_in_version: int  # the shared model version current when it joined the ledger
+    revision: int = 0
+    revised_at: float | None = None

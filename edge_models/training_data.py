@@ -72,17 +72,21 @@ def padded_batches(
         batches: list[list[int]] = []
         for start in range(0, len(order), window):
             chunk = sorted(order[start : start + window], key=lambda i: len(examples[i][0]))
-            batches += [
-                chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)
-            ]
+            # The last batch of a window may be smaller; dropping it would drop the same
+            # longest rows every epoch (a canary message, say) and never train them.
+            batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
         for b in torch.randperm(len(batches), generator=gen).tolist():
-            rows = [examples[i] for i in batches[b]]
-            width = max(len(ids) for ids, _ in rows)
-            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-            for i, (ids, row_labels) in enumerate(rows):
-                input_ids[i, : len(ids)] = torch.tensor(ids)
-                mask[i, : len(ids)] = 1
-                labels[i, : len(ids)] = torch.tensor(row_labels)
-            yield input_ids, mask, labels
+            yield right_padded([examples[i] for i in batches[b]], pad_id)
+
+
+def right_padded(rows: Sequence[EncodedExample], pad_id: int) -> Batch:
+    """Rows in their order, padded on the right: a causal model reads each row as if alone."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (ids, row_labels) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+        labels[i, : len(ids)] = torch.tensor(row_labels)
+    return input_ids, mask, labels

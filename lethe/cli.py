@@ -234,6 +234,10 @@ def client_run(
     threads: Annotated[
         int, typer.Option(help="CPU threads for training (0: torch's default).")
     ] = 0,
+    epochs_per_burst: Annotated[
+        float | None,
+        typer.Option(help="Passes over each burst's records, new and replayed (default: 20)."),
+    ] = None,
     device: DeviceOption = "auto",
 ) -> None:
     """The device daemon: ingest the inbox, learn continually, serve the local channel.
@@ -259,7 +263,8 @@ def client_run(
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        config = DaemonConfig(model=model, device=device, seed=seed, poll_s=poll)
+        passes = {} if epochs_per_burst is None else {"epochs_per_burst": epochs_per_burst}
+        config = DaemonConfig(model=model, device=device, seed=seed, poll_s=poll, **passes)
         daemon = DeviceDaemon(paths, config)
     except (ValueError, DaemonError) as exc:
         raise _fail(str(exc)) from exc

@@ -1,26 +1,36 @@
 """What the coordinator and a device say to each other in Flower messages, as plain data.
 
 A train message carries the global shared adapter's B factors (an
+`ArrayRecord`), the coordinator's edit ledger when it has one (another
 `ArrayRecord`) and a `ConfigRecord`: the steps to train, the version, the
 seed, and for simulated fleets the workload's settings. The reply carries the
-B delta and a `MetricRecord`: samples, measured seconds per step, loss and
-the version it answers. Both directions are parsed into dataclasses here
-and nowhere else; a message that does not parse raises `MessageError`.
+B delta, a `MetricRecord` (samples, measured seconds per step, loss and the
+version it answers) and, from real devices, which subjects the device holds
+as salted hashes. An unlearn query (Flower's "query" message type) names a
+deletion request and a subject hash; its reply carries the edit of the
+shared model and the device's measurements. Every direction is parsed into
+dataclasses here and nowhere else; a message that does not parse raises
+`MessageError`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from shared.holdings import Holdings, is_subject_hash
 from shared.tensors import TensorPayloadError, check_arrays
 
 MODEL = "model"
+LEDGER = "ledger"
 WORK = "work"
 UPDATE = "update"
 METRICS = "metrics"
+HOLDINGS = "holdings"
+UNLEARN = "unlearn"
+EDIT = "edit"
 
 
 class MessageError(ValueError):
@@ -38,10 +48,13 @@ class TrainRequest:
     task_seed: int = 0
     clients: int = 0
     dirichlet_alpha: float = 0.0
+    ledger: dict[str, np.ndarray] = field(default_factory=dict)
 
     def to_content(self) -> RecordDict:
+        ledger = {LEDGER: _array_record(self.ledger)} if self.ledger else {}
         return RecordDict(
             {
+                **ledger,
                 MODEL: _array_record(self.model),
                 WORK: ConfigRecord(
                     {
@@ -69,6 +82,7 @@ class TrainRequest:
             task_seed=int(work.get("task-seed", 0)),
             clients=int(work.get("clients", 0)),
             dirichlet_alpha=float(work.get("dirichlet-alpha", 0.0)),
+            ledger=_arrays(content, LEDGER) if LEDGER in content else {},
         )
 
 
@@ -79,10 +93,13 @@ class TrainReply:
     samples: int
     seconds_per_step: float
     loss: float
+    holdings: Holdings | None = None
 
     def to_content(self) -> RecordDict:
+        holdings = {} if self.holdings is None else {HOLDINGS: _holdings_record(self.holdings)}
         return RecordDict(
             {
+                **holdings,
                 UPDATE: _array_record(self.delta),
                 METRICS: MetricRecord(
                     {
@@ -104,6 +121,68 @@ class TrainReply:
             samples=int(_field(metrics, "samples")),
             seconds_per_step=float(_field(metrics, "seconds-per-step")),
             loss=float(metrics.get("loss", float("nan"))),
+            holdings=_holdings(content),
+        )
+
+
+@dataclass(frozen=True)
+class UnlearnQuery:
+    """Forget one subject: which request, and the subject as the device announced it."""
+
+    request_id: str
+    subject_hash: str
+
+    def to_content(self) -> RecordDict:
+        record = ConfigRecord({"request-id": self.request_id, "subject-hash": self.subject_hash})
+        return RecordDict({UNLEARN: record})
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> UnlearnQuery:
+        record = _record(content, UNLEARN, ConfigRecord)
+        query = cls(str(_field(record, "request-id")), str(_field(record, "subject-hash")))
+        if not is_subject_hash(query.subject_hash):
+            raise MessageError("subject-hash is not 64 hex digits")
+        return query
+
+
+@dataclass(frozen=True)
+class UnlearnResult:
+    """A device's answer to an unlearn query. `shared_edit` holds one edit's arrays
+    (`client.unlearning.edits`); empty when the device did not hold the subject."""
+
+    request_id: str
+    held: bool
+    shared_edit: dict[str, np.ndarray]
+    measurements: dict[str, float]
+    versions: dict[str, int]  # personal before/after, shared, records deleted
+    holdings: Holdings | None
+
+    def to_content(self) -> RecordDict:
+        holdings = {} if self.holdings is None else {HOLDINGS: _holdings_record(self.holdings)}
+        edit = {EDIT: _array_record(self.shared_edit)} if self.shared_edit else {}
+        return RecordDict(
+            {
+                **holdings,
+                **edit,
+                UNLEARN: ConfigRecord(
+                    {"request-id": self.request_id, "held": self.held, **self.versions}
+                ),
+                METRICS: MetricRecord(dict(self.measurements)),
+            }
+        )
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> UnlearnResult:
+        record = _record(content, UNLEARN, ConfigRecord)
+        metrics = _record(content, METRICS, MetricRecord)
+        versions = {k: int(v) for k, v in record.items() if k not in ("request-id", "held")}
+        return cls(
+            request_id=str(_field(record, "request-id")),
+            held=bool(_field(record, "held")),
+            shared_edit=_arrays(content, EDIT) if EDIT in content else {},
+            measurements={k: float(v) for k, v in metrics.items()},
+            versions=versions,
+            holdings=_holdings(content),
         )
 
 
@@ -132,3 +211,18 @@ def _field(record: ConfigRecord | MetricRecord, key: str) -> int | float | str:
     if key not in record:
         raise MessageError(f"the message lacks {key!r}")
     return record[key]
+
+
+def _holdings_record(holdings: Holdings) -> ConfigRecord:
+    return ConfigRecord({"salt": holdings.salt, "subject-hashes": list(holdings.subject_hashes)})
+
+
+def _holdings(content: RecordDict) -> Holdings | None:
+    if HOLDINGS not in content:
+        return None
+    record = _record(content, HOLDINGS, ConfigRecord)
+    hashes = _field(record, "subject-hashes")
+    try:
+        return Holdings(str(_field(record, "salt")), tuple(hashes))  # type: ignore[arg-type]
+    except (ValueError, TypeError) as error:
+        raise MessageError(f"holdings: {error}") from error

@@ -4,78 +4,23 @@ device daemon behind each, and `lethe coordinator` running FedCompass until it s
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-BIN = Path(sys.executable).parent
 SLOWDOWNS = (1.0, 3.0, 9.0)
 RECORDS_PER_DEVICE = 40
 VERSIONS = 7
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Processes:
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.running: list[subprocess.Popen[bytes]] = []
-        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-
-    def start(self, name: str, *command: str, **env: str) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{name}.log").open("wb")
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **env}
-        )
-        self.running.append(process)
-        return process
-
-    def stop_all(self) -> None:
-        for process in self.running:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        for process in self.running:
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")
-
-
-def wait_until(check, what: str, timeout: float) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-        except Exception:  # noqa: BLE001 (not up yet)
-            value = None
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_fedcompass_on_a_real_fleet(built_default_model, tmp_path: Path) -> None:
+def test_fedcompass_on_a_real_fleet(built_default_model, tmp_path: Path, processes) -> None:
     from client.device_channel import DeviceClient
     from coordinator.state import StateStore
     from edge_models.corpus import build_corpus, device_stream, partition
@@ -83,136 +28,99 @@ def test_fedcompass_on_a_real_fleet(built_default_model, tmp_path: Path) -> None
     models_root, _, _ = built_default_model
     corpus = build_corpus(0)
     parts = partition(corpus, len(SLOWDOWNS), seed=0)
-    processes = Processes(tmp_path)
-    port = free_port()
+    port = processes.free_port()
     devices = []
-    try:
-        for index, part in enumerate(parts):
-            root = tmp_path / f"device{index}"
-            shutil.copytree(models_root, root / "models")
-            inbox = root / "device" / "inbox"
-            inbox.mkdir(parents=True)
-            records = device_stream(corpus, part, seed=0)[:RECORDS_PER_DEVICE]
-            (inbox / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-            processes.start(
-                f"daemon{index}",
-                str(BIN / "lethe"),
-                "client",
-                "run",
-                "--poll",
-                "0.2",
-                "--threads",
-                "1",
-                "--device",
-                "cpu",
-                LETHE_DATA_DIR=str(root),
-            )
-            devices.append(root)
+    for index, part in enumerate(parts):
+        root = tmp_path / f"device{index}"
+        shutil.copytree(models_root, root / "models")
+        inbox = root / "device" / "inbox"
+        inbox.mkdir(parents=True)
+        records = device_stream(corpus, part, seed=0)[:RECORDS_PER_DEVICE]
+        (inbox / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        processes.start_daemon(f"daemon{index}", root)
+        devices.append(root)
 
-        def trained(root: Path) -> bool:
-            with DeviceClient(root / "device", timeout_s=5) as client:
-                status = client.status()
-            return status.records == RECORDS_PER_DEVICE and status.pending == 0
+    def trained(root: Path) -> bool:
+        with DeviceClient(root / "device", timeout_s=5) as client:
+            status = client.status()
+        return status.records == RECORDS_PER_DEVICE and status.pending == 0
 
-        for root in devices:
-            wait_until(lambda root=root: trained(root), f"{root.name} to learn", 400)
+    for root in devices:
+        processes.wait_until(lambda root=root: trained(root), f"{root.name} to learn", 400)
 
-        processes.start(
-            "superlink",
-            str(BIN / "flower-superlink"),
+    processes.start_superlink(port)
+    for index, (root, slowdown) in enumerate(zip(devices, SLOWDOWNS, strict=True)):
+        processes.start_supernode(
+            f"supernode{index}", port, f"data-dir='{root}' slowdown={slowdown}"
+        )
+    node_of = {}
+    for index in range(len(devices)):
+        found = processes.wait_until(
+            lambda index=index: re.search(
+                r"SuperNode ID: (\d+)", processes.log(f"supernode{index}")
+            ),
+            f"supernode {index}",
+            60,
+        )
+        node_of[int(found.group(1))] = index
+
+    coordinator_dir = tmp_path / "coordinator"
+    shutil.copytree(models_root, coordinator_dir / "models")
+    done = subprocess.run(
+        [
+            str(processes.BIN / "lethe"),
+            "coordinator",
+            "--superlink",
+            f"127.0.0.1:{port}",
             "--insecure",
-            "--disable-runtime-dependency-installation",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--database",
-            str(tmp_path / "superlink.db"),
-        )
-        for index, (root, slowdown) in enumerate(zip(devices, SLOWDOWNS, strict=True)):
-            processes.start(
-                f"supernode{index}",
-                str(BIN / "flower-supernode"),
-                "--insecure",
-                "--superlink",
-                f"127.0.0.1:{port}",
-                "--port",
-                str(free_port()),
-                "--node-config",
-                f"data-dir='{root}' slowdown={slowdown}",
-            )
-        node_of = {}
-        for index in range(len(devices)):
-            found = wait_until(
-                lambda index=index: re.search(
-                    r"SuperNode ID: (\d+)", processes.log(f"supernode{index}")
-                ),
-                f"supernode {index}",
-                60,
-            )
-            node_of[int(found.group(1))] = index
+            "--policy",
+            "fedcompass",
+            "--run-name",
+            "fleet",
+            "--max-versions",
+            str(VERSIONS),
+            "--time-limit",
+            "500",
+            "--data-dir",
+            str(coordinator_dir),
+            "--run-config",
+            "q-min=4",
+            "--run-config",
+            "q-max=24",
+            "--run-config",
+            "device='cpu'",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=700,
+        env=processes.env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-        coordinator_dir = tmp_path / "coordinator"
-        shutil.copytree(models_root, coordinator_dir / "models")
-        done = subprocess.run(
-            [
-                str(BIN / "lethe"),
-                "coordinator",
-                "--superlink",
-                f"127.0.0.1:{port}",
-                "--insecure",
-                "--policy",
-                "fedcompass",
-                "--run-name",
-                "fleet",
-                "--max-versions",
-                str(VERSIONS),
-                "--time-limit",
-                "500",
-                "--data-dir",
-                str(coordinator_dir),
-                "--run-config",
-                "q-min=4",
-                "--run-config",
-                "q-max=24",
-                "--run-config",
-                "device='cpu'",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=700,
-            env=processes.env,
-            check=False,
-        )
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-        url = f"sqlite:///{coordinator_dir / 'coordinator' / 'coordinator.db'}"
-        store = StateStore(url, coordinator_dir / "coordinator", "fleet")
-        versions = store.versions()
-        assert versions[-1].version >= VERSIONS
-        # Arrival groups formed: some versions applied updates of several devices at once.
-        assert any(len(set(v.nodes)) >= 2 for v in versions)
-        # The scheduler sees the speeds, and Q_i follow them: after its first (Q_max) piece
-        # of work, the fastest device is given more steps than the slowest. The work each
-        # device was given is what it sent back, then what it was training when the run ended
-        # (the slowest device may have finished only its first piece by then).
-        nodes = store.nodes()
-        speed = {node_of[n.node]: n.seconds_per_step for n in nodes}
-        assert speed[0] < speed[2], speed
-        steps = defaultdict(list)
-        for update in store.updates():
-            steps[node_of[update.node]].append(update.steps)
-        for node in nodes:
-            if node.steps is not None:
-                steps[node_of[node.node]].append(node.steps)
-        later = {index: values[1:] for index, values in steps.items() if len(values) > 1}
-        assert 0 in later and 2 in later, steps
-        assert np.mean(later[0]) > np.mean(later[2]), steps
-        # The shared model improved on text no device holds (held-out loss went down).
-        loss = {m.version: m.value for m in store.metrics() if m.name == "heldout_loss"}
-        assert loss[max(loss)] < loss[0], loss
-        store.close()
-    finally:
-        processes.stop_all()
-    for process in processes.running:
-        assert process.poll() is not None
+    url = f"sqlite:///{coordinator_dir / 'coordinator' / 'coordinator.db'}"
+    store = StateStore(url, coordinator_dir / "coordinator", "fleet")
+    versions = store.versions()
+    assert versions[-1].version >= VERSIONS
+    # Arrival groups formed: some versions applied updates of several devices at once.
+    assert any(len(set(v.nodes)) >= 2 for v in versions)
+    # The scheduler sees the speeds, and Q_i follow them: after its first (Q_max) piece
+    # of work, the fastest device is given more steps than the slowest. The work each
+    # device was given is what it sent back, then what it was training when the run ended
+    # (the slowest device may have finished only its first piece by then).
+    nodes = store.nodes()
+    speed = {node_of[n.node]: n.seconds_per_step for n in nodes}
+    assert speed[0] < speed[2], speed
+    steps = defaultdict(list)
+    for update in store.updates():
+        steps[node_of[update.node]].append(update.steps)
+    for node in nodes:
+        if node.steps is not None:
+            steps[node_of[node.node]].append(node.steps)
+    later = {index: values[1:] for index, values in steps.items() if len(values) > 1}
+    assert 0 in later and 2 in later, steps
+    assert np.mean(later[0]) > np.mean(later[2]), steps
+    # The shared model improved on text no device holds (held-out loss went down).
+    loss = {m.version: m.value for m in store.metrics() if m.name == "heldout_loss"}
+    assert loss[max(loss)] < loss[0], loss
+    store.close()

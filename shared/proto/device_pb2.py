@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19shared/proto/device.proto\x12\x0clethe.device\"\x0f\n\rStatusRequest\"\xbb\x01\n\x0bStatusReply\x12\x0f\n\x07records\x18\x01 \x01(\x03\x12\x10\n\x08subjects\x18\x02 \x01(\x03\x12\x17\n\x0ftrained_through\x18\x03 \x01(\x03\x12\r\n\x05\x62lock\x18\x04 \x01(\x05\x12\x0e\n\x06\x62ursts\x18\x05 \x01(\x03\x12\x0e\n\x06\x65xport\x18\x06 \x01(\t\x12\x18\n\x10personal_version\x18\x07 \x01(\x03\x12\x16\n\x0eshared_version\x18\x08 \x01(\x03\x12\x0f\n\x07pending\x18\t \x01(\x03\"\x89\x01\n\x0fGenerateRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_seed\"6\n\rGenerateReply\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x16\n\x0e\x66inish_reasons\x18\x02 \x03(\t\"Y\n\x12TrainSharedRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0c\x12\r\n\x05steps\x18\x02 \x01(\x05\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\"\x81\x01\n\x10TrainSharedReply\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\x0c\x12\x18\n\x10seconds_per_step\x18\x02 \x01(\x01\x12\x0f\n\x07samples\x18\x03 \x01(\x03\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\x32\xe3\x01\n\x06\x44\x65vice\x12@\n\x06Status\x12\x1b.lethe.device.StatusRequest\x1a\x19.lethe.device.StatusReply\x12\x46\n\x08Generate\x12\x1d.lethe.device.GenerateRequest\x1a\x1b.lethe.device.GenerateReply\x12O\n\x0bTrainShared\x12 .lethe.device.TrainSharedRequest\x1a\x1e.lethe.device.TrainSharedReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19shared/proto/device.proto\x12\x0clethe.device\"\x0f\n\rStatusRequest\"\xbb\x01\n\x0bStatusReply\x12\x0f\n\x07records\x18\x01 \x01(\x03\x12\x10\n\x08subjects\x18\x02 \x01(\x03\x12\x17\n\x0ftrained_through\x18\x03 \x01(\x03\x12\r\n\x05\x62lock\x18\x04 \x01(\x05\x12\x0e\n\x06\x62ursts\x18\x05 \x01(\x03\x12\x0e\n\x06\x65xport\x18\x06 \x01(\t\x12\x18\n\x10personal_version\x18\x07 \x01(\x03\x12\x16\n\x0eshared_version\x18\x08 \x01(\x03\x12\x0f\n\x07pending\x18\t \x01(\x03\"\x89\x01\n\x0fGenerateRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_seed\"6\n\rGenerateReply\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x16\n\x0e\x66inish_reasons\x18\x02 \x03(\t\"i\n\x12TrainSharedRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0c\x12\r\n\x05steps\x18\x02 \x01(\x05\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x0e\n\x06ledger\x18\x05 \x01(\x0c\"\xab\x01\n\x10TrainSharedReply\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\x0c\x12\x18\n\x10seconds_per_step\x18\x02 \x01(\x01\x12\x0f\n\x07samples\x18\x03 \x01(\x03\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\x12(\n\x08holdings\x18\x07 \x01(\x0b\x32\x16.lethe.device.Holdings\"0\n\x08Holdings\x12\x0c\n\x04salt\x18\x01 \x01(\t\x12\x16\n\x0esubject_hashes\x18\x02 \x03(\t\":\n\x0eUnlearnRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0csubject_hash\x18\x02 \x01(\t\"\xc6\x02\n\x0cUnlearnReply\x12\x0c\n\x04held\x18\x01 \x01(\x08\x12\x13\n\x0bshared_edit\x18\x02 \x01(\x0c\x12\x42\n\x0cmeasurements\x18\x03 \x03(\x0b\x32,.lethe.device.UnlearnReply.MeasurementsEntry\x12\x1f\n\x17personal_version_before\x18\x04 \x01(\x03\x12\x1e\n\x16personal_version_after\x18\x05 \x01(\x03\x12\x16\n\x0eshared_version\x18\x06 \x01(\x03\x12\x17\n\x0frecords_deleted\x18\x07 \x01(\x03\x12(\n\x08holdings\x18\x08 \x01(\x0b\x32\x16.lethe.device.Holdings\x1a\x33\n\x11MeasurementsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xa8\x02\n\x06\x44\x65vice\x12@\n\x06Status\x12\x1b.lethe.device.StatusRequest\x1a\x19.lethe.device.StatusReply\x12\x46\n\x08Generate\x12\x1d.lethe.device.GenerateRequest\x1a\x1b.lethe.device.GenerateReply\x12O\n\x0bTrainShared\x12 .lethe.device.TrainSharedRequest\x1a\x1e.lethe.device.TrainSharedReply\x12\x43\n\x07Unlearn\x12\x1c.lethe.device.UnlearnRequest\x1a\x1a.lethe.device.UnlearnReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.proto.device_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_UNLEARNREPLY_MEASUREMENTSENTRY']._loaded_options = None
+  _globals['_UNLEARNREPLY_MEASUREMENTSENTRY']._serialized_options = b'8\001'
   _globals['_STATUSREQUEST']._serialized_start=43
   _globals['_STATUSREQUEST']._serialized_end=58
   _globals['_STATUSREPLY']._serialized_start=61
@@ -40,9 +42,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREPLY']._serialized_start=390
   _globals['_GENERATEREPLY']._serialized_end=444
   _globals['_TRAINSHAREDREQUEST']._serialized_start=446
-  _globals['_TRAINSHAREDREQUEST']._serialized_end=535
-  _globals['_TRAINSHAREDREPLY']._serialized_start=538
-  _globals['_TRAINSHAREDREPLY']._serialized_end=667
-  _globals['_DEVICE']._serialized_start=670
-  _globals['_DEVICE']._serialized_end=897
+  _globals['_TRAINSHAREDREQUEST']._serialized_end=551
+  _globals['_TRAINSHAREDREPLY']._serialized_start=554
+  _globals['_TRAINSHAREDREPLY']._serialized_end=725
+  _globals['_HOLDINGS']._serialized_start=727
+  _globals['_HOLDINGS']._serialized_end=775
+  _globals['_UNLEARNREQUEST']._serialized_start=777
+  _globals['_UNLEARNREQUEST']._serialized_end=835
+  _globals['_UNLEARNREPLY']._serialized_start=838
+  _globals['_UNLEARNREPLY']._serialized_end=1164
+  _globals['_UNLEARNREPLY_MEASUREMENTSENTRY']._serialized_start=1113
+  _globals['_UNLEARNREPLY_MEASUREMENTSENTRY']._serialized_end=1164
+  _globals['_DEVICE']._serialized_start=1167
+  _globals['_DEVICE']._serialized_end=1463
 # @@protoc_insertion_point(module_scope)

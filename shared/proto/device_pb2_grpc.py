@@ -49,6 +49,11 @@ class DeviceStub:
                 request_serializer=shared_dot_proto_dot_device__pb2.TrainSharedRequest.SerializeToString,
                 response_deserializer=shared_dot_proto_dot_device__pb2.TrainSharedReply.FromString,
                 _registered_method=True)
+        self.Unlearn = channel.unary_unary(
+                '/lethe.device.Device/Unlearn',
+                request_serializer=shared_dot_proto_dot_device__pb2.UnlearnRequest.SerializeToString,
+                response_deserializer=shared_dot_proto_dot_device__pb2.UnlearnReply.FromString,
+                _registered_method=True)
 
 
 class DeviceServicer:
@@ -72,6 +77,12 @@ class DeviceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Unlearn(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +100,11 @@ def add_DeviceServicer_to_server(servicer, server):
                     servicer.TrainShared,
                     request_deserializer=shared_dot_proto_dot_device__pb2.TrainSharedRequest.FromString,
                     response_serializer=shared_dot_proto_dot_device__pb2.TrainSharedReply.SerializeToString,
+            ),
+            'Unlearn': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unlearn,
+                    request_deserializer=shared_dot_proto_dot_device__pb2.UnlearnRequest.FromString,
+                    response_serializer=shared_dot_proto_dot_device__pb2.UnlearnReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +188,33 @@ class Device:
             '/lethe.device.Device/TrainShared',
             shared_dot_proto_dot_device__pb2.TrainSharedRequest.SerializeToString,
             shared_dot_proto_dot_device__pb2.TrainSharedReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unlearn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lethe.device.Device/Unlearn',
+            shared_dot_proto_dot_device__pb2.UnlearnRequest.SerializeToString,
+            shared_dot_proto_dot_device__pb2.UnlearnReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,48 +12,22 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import save
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from client.adapters import PERSONAL, SHARED, is_lora_b
-from client.continual import ReplayConfig
 from client.daemon import DaemonConfig, DaemonError, DeviceDaemon
 from client.device_channel import DeviceClient, token_path
 from client.device_service import serve
 from client.learner import LearnerConfig
-from client.lora_training import LoraTrainConfig
 from client.serving import current_export
 from shared.auth import bearer_metadata
 from shared.paths import DataDir
 from shared.proto import device_pb2, device_pb2_grpc
 from shared.tensors import TensorPayloadError, arrays_to_bytes
 
-LEARNER = LearnerConfig(
-    block_rank=2, blocks=2, replay=ReplayConfig(0.5), train=LoraTrainConfig(lr=1e-2, batch_size=4)
-)
-
-
-@pytest.fixture(scope="module")
-def model_dir(
-    tmp_path_factory: pytest.TempPathFactory,
-    tiny_llama: LlamaForCausalLM,
-    tiny_tokenizer: PreTrainedTokenizerFast,
-) -> Path:
-    path = tmp_path_factory.mktemp("tiny-model")
-    tiny_llama.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
 
 @pytest.fixture
-def config(model_dir: Path) -> DaemonConfig:
-    return DaemonConfig(
-        model=str(model_dir),
-        device="cpu",
-        max_burst_records=4,
-        max_steps_per_burst=3,
-        records_per_block=4,
-        learner=LEARNER,
-    )
+def config(tiny_daemon_config: DaemonConfig) -> DaemonConfig:
+    return tiny_daemon_config
 
 
 def drop(data: DataDir, name: str, subject: str, count: int) -> None:
@@ -150,7 +124,7 @@ def test_a_saved_adapter_that_does_not_fit_stops_the_daemon_with_a_reason(
     with DeviceDaemon(data, config) as daemon:
         daemon.ingest_inbox()
         daemon.train_burst()
-    other = LearnerConfig(block_rank=3, blocks=2, train=LEARNER.train)
+    other = LearnerConfig(block_rank=3, blocks=2, train=config.learner.train)
     bigger = DaemonConfig(model=config.model, device="cpu", learner=other)
     with pytest.raises(DaemonError, match="does not fit"):
         DeviceDaemon(data, bigger)

@@ -1,0 +1,1 @@
+"""Forgetting a person's data on request: the edits a device applies, and how well it forgot."""
