@@ -60,10 +60,13 @@ def train(message: Message, context: Context) -> Message:
 @app.query()
 def unlearn(message: Message, context: Context) -> Message:
     from client.device_channel import DeviceClient
+    from shared.records import selectors_to_json
 
     query = UnlearnQuery.from_content(message.content)
     with DeviceClient(_device_dir(context)) as device:
-        answer = device.unlearn(query.request_id, query.subject_hash)
+        answer = device.unlearn(
+            query.request_id, query.subject_hash, selectors_to_json(query.selectors)
+        )
     result = UnlearnResult(
         request_id=query.request_id,
         held=answer.held,

@@ -54,7 +54,7 @@ from edge_models.model_store import resolve_model
 from edge_models.training_data import examples_from_records
 from shared.holdings import Holdings, ensure_salt, subject_hash
 from shared.paths import DataDir
-from shared.records import Record
+from shared.records import Record, RecordSelector
 from shared.versioned_store import IntegrityError, NotFoundError, StoreError
 
 log = logging.getLogger(__name__)
@@ -307,8 +307,11 @@ class DeviceDaemon:
         hashes = sorted(subject_hash(self.salt, s) for s in self.store.subject_ids())
         return Holdings(self.salt, tuple(hashes))
 
-    def unlearn(self, announced: str, request_id: str) -> UnlearnAnswer:
-        """Forget the subject announced as `announced`: edit both models, then shred.
+    def unlearn(
+        self, announced: str, request_id: str, selectors: Sequence[RecordSelector] = ()
+    ) -> UnlearnAnswer:
+        """Forget the subject announced as `announced` (only the records `selectors` pick,
+        when given): edit both models, then shred.
 
         Order matters for "nothing accepted is lost": the edits (and the
         sketch without the subject) are saved first, then the subject is
@@ -336,10 +339,22 @@ class DeviceDaemon:
                     personal_version_after=self.progress.personal_version,
                     shared_version=self.progress.shared_version,
                 )
-            records = list(self.store.records(subject_id))
+            records = [
+                r
+                for r in self.store.records(subject_id)
+                if not selectors or any(s.matches(r) for s in selectors)
+            ]
             prompts = [(r.prompt or "", r.completion or "") for r in records if r.kind == "pair"]
             before = self.progress.personal_version
             measurements: dict[str, float] = {}
+            if not records:  # nothing (left) to forget: the selected records are gone
+                return UnlearnAnswer(
+                    held=True,
+                    shared_edit=done,
+                    personal_version_before=before,
+                    personal_version_after=before,
+                    shared_version=self.progress.shared_version,
+                )
             if done is None:
                 result = unlearn_subject(
                     self.model,
@@ -355,7 +370,8 @@ class DeviceDaemon:
                 # Older versions still know the subject: keep only the edited ones.
                 self._save_personal(keep=1)
                 self._save_shared(self._shared_model_version(), keep=1)
-            deleted = self.store.delete_subject(subject_id).records_deleted
+            picked = set(records)
+            deleted = self.store.delete_records(subject_id, picked.__contains__).records_deleted
             self._export(keep=1)
             measurements["onnx_forget_em"] = self._served_exact_match(prompts)
             return UnlearnAnswer(

@@ -122,8 +122,12 @@ class DeviceClient:
             holdings=holdings_from_proto(reply.holdings),
         )
 
-    def unlearn(self, request_id: str, subject_hash: str) -> UnlearnAnswer:
-        request = device_pb2.UnlearnRequest(request_id=request_id, subject_hash=subject_hash)
+    def unlearn(
+        self, request_id: str, subject_hash: str, selectors_json: str = ""
+    ) -> UnlearnAnswer:
+        request = device_pb2.UnlearnRequest(
+            request_id=request_id, subject_hash=subject_hash, selectors_json=selectors_json
+        )
         reply = self._stub.Unlearn(request, metadata=self._metadata, timeout=self._timeout)
         return UnlearnAnswer(
             held=reply.held,

@@ -28,6 +28,7 @@ from client.unlearning.edits import edits_from_arrays, edits_to_arrays
 from shared.auth import TokenAuthInterceptor, ensure_token
 from shared.holdings import is_subject_hash
 from shared.proto import device_pb2, device_pb2_grpc
+from shared.records import selectors_from_json
 from shared.tensors import TensorPayloadError, arrays_from_bytes, arrays_to_bytes
 
 MAX_PROMPTS = 64
@@ -121,7 +122,11 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "request_id must be 1 to 128 characters, no '|'"
             )
         try:
-            answer = self.daemon.unlearn(request.subject_hash, request.request_id)
+            selectors = selectors_from_json(request.selectors_json)
+        except ValueError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"selectors: {error}")
+        try:
+            answer = self.daemon.unlearn(request.subject_hash, request.request_id, selectors)
         except (DaemonError, ValueError) as error:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         edit = b"" if answer.shared_edit is None else edits_to_arrays([answer.shared_edit])

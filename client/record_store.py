@@ -37,7 +37,7 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -386,6 +386,30 @@ class RecordStore:
         deleted = self._delete_and_rewrap(subject, new_epoch)
         self._finish_rotation()
         return DeletionReport(subject_hash=subject, records_deleted=deleted, key_epoch=new_epoch)
+
+    def delete_records(self, subject_id: str, selected: Callable[[Record], bool]) -> DeletionReport:
+        """Delete the subject's records that `selected` picks; picking all of them is
+        `delete_subject` (the key is shredded). Otherwise the subject and its key stay, the
+        rows go (overwritten: secure_delete) and the WAL is checkpointed.
+
+        Raises UnknownSubjectError, changing nothing, when the subject has no records.
+        """
+        rows = list(self.numbered_records(subject_id))
+        if not rows:
+            raise UnknownSubjectError(
+                f"no subject with hash {self.subject_hash(subject_id)[:16]}... on this device; "
+                "nothing deleted"
+            )
+        chosen = [row_id for row_id, record in rows if selected(record)]
+        if len(chosen) == len(rows):
+            return self.delete_subject(subject_id)
+        with Session(self._engine) as session:
+            for start in range(0, len(chosen), _IN_CLAUSE_ROWS):
+                part = chosen[start : start + _IN_CLAUSE_ROWS]
+                session.exec(delete(RecordRow).where(col(RecordRow.id).in_(part)))
+            session.commit()
+        _checkpoint(self._engine)
+        return DeletionReport(self.subject_hash(subject_id), len(chosen), self._epoch)
 
     def _add_epoch(self) -> int:
         """Rotation step 1: put a new master key in the keyfile before anything uses it."""

@@ -21,6 +21,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from shared.holdings import Holdings, is_subject_hash
+from shared.records import InvalidDeletion, RecordSelector, selectors_from_json, selectors_to_json
 from shared.tensors import TensorPayloadError, check_arrays
 
 MODEL = "model"
@@ -127,19 +128,33 @@ class TrainReply:
 
 @dataclass(frozen=True)
 class UnlearnQuery:
-    """Forget one subject: which request, and the subject as the device announced it."""
+    """Forget one subject (or the records `selectors` pick): which request, and the subject
+    as the device announced it."""
 
     request_id: str
     subject_hash: str
+    selectors: tuple[RecordSelector, ...] = ()
 
     def to_content(self) -> RecordDict:
-        record = ConfigRecord({"request-id": self.request_id, "subject-hash": self.subject_hash})
+        record = ConfigRecord(
+            {
+                "request-id": self.request_id,
+                "subject-hash": self.subject_hash,
+                "selectors": selectors_to_json(self.selectors),
+            }
+        )
         return RecordDict({UNLEARN: record})
 
     @classmethod
     def from_content(cls, content: RecordDict) -> UnlearnQuery:
         record = _record(content, UNLEARN, ConfigRecord)
-        query = cls(str(_field(record, "request-id")), str(_field(record, "subject-hash")))
+        try:
+            selectors = selectors_from_json(str(record.get("selectors", "")))
+        except (InvalidDeletion, ValueError) as error:
+            raise MessageError(f"selectors: {error}") from error
+        query = cls(
+            str(_field(record, "request-id")), str(_field(record, "subject-hash")), selectors
+        )
         if not is_subject_hash(query.subject_hash):
             raise MessageError("subject-hash is not 64 hex digits")
         return query

@@ -13,11 +13,14 @@ encrypts and hashes to spot duplicates. Different spellings of the same record
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, NoReturn
+from typing import Any, Literal, NoReturn, get_args
 
 RecordKind = Literal["text", "pair"]
+KINDS = frozenset(get_args(RecordKind))
 
 DEFAULT_MAX_LINE_BYTES = 64 * 1024
 DEFAULT_MAX_ERRORS = 100
@@ -276,3 +279,69 @@ def _preview(value: object) -> str:
     """A short repr, so a 60 KiB field does not end up in an error message."""
     text = repr(value)
     return text if len(text) <= _PREVIEW_CHARS else text[: _PREVIEW_CHARS - 3] + "..."
+
+
+# -- selecting records (deletion requests name records this way) --------------
+
+
+class InvalidDeletion(ValueError):
+    """A submitted field is unusable; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class RecordSelector:
+    """A subset of a subject's records: some kinds, and/or a time range [from_ts, to_ts)."""
+
+    kinds: tuple[str, ...] = ()
+    from_ts: float | None = None
+    to_ts: float | None = None
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.kinds) - KINDS)
+        if unknown:
+            raise InvalidDeletion(f"unknown record kind(s) {unknown}; known: {sorted(KINDS)}")
+        if len(set(self.kinds)) != len(self.kinds):
+            raise InvalidDeletion(f"record kinds repeated in {list(self.kinds)}")
+        for name in ("from_ts", "to_ts"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise InvalidDeletion(f"selector {name} must be a finite number of unix seconds")
+        if self.from_ts is not None and self.to_ts is not None and self.from_ts >= self.to_ts:
+            raise InvalidDeletion(f"selector range is empty: from_ts {self.from_ts} >= to_ts")
+
+    def matches(self, record: Record) -> bool:
+        """Whether `record` is one of those this selector names (a record without a time
+        is selected only when no time range is given)."""
+        if self.kinds and record.kind not in self.kinds:
+            return False
+        if self.from_ts is None and self.to_ts is None:
+            return True
+        if record.ts is None:
+            return False
+        return (self.from_ts is None or record.ts >= self.from_ts) and (
+            self.to_ts is None or record.ts < self.to_ts
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kinds": list(self.kinds), "from_ts": self.from_ts, "to_ts": self.to_ts}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> RecordSelector:
+        return cls(tuple(value["kinds"]), value["from_ts"], value["to_ts"])
+
+
+def selectors_to_json(selectors: Sequence[RecordSelector]) -> str:
+    return json.dumps([s.to_json() for s in selectors])
+
+
+def selectors_from_json(text: str) -> tuple[RecordSelector, ...]:
+    """Selectors from their JSON list ("" is none); InvalidDeletion or ValueError if malformed."""
+    if not text:
+        return ()
+    value = json.loads(text)
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise InvalidDeletion("selectors must be a JSON list of objects")
+    try:
+        return tuple(RecordSelector.from_json(v) for v in value)
+    except (KeyError, TypeError) as error:
+        raise InvalidDeletion(f"malformed selector: {error}") from error

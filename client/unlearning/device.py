@@ -11,7 +11,8 @@ an edit for them. It computes two:
 Both use the low-rank variant over the learner's key sketch, with the
 subject's own keys taken out of it first (they are what must move), so no
 retained record is read. The device then measures, on its records of the
-subject, that neither model answers them any more, before the caller shreds.
+subject, that neither model answers them any more (exact match and answer
+probability, `client.unlearning.measures`), before the caller shreds.
 
 No files here: `client.daemon` persists, shreds and exports.
 """
@@ -29,8 +30,9 @@ import torch
 from client.adapters import ADAPTERS, SHARED, DeviceModel
 from client.continual import InputCovariance, LoraFactors
 from client.unlearning.edits import LayerEdit, corrected, effective_weight, find_module, residual
+from client.unlearning.measures import answer_probabilities
 from client.unlearning.stamp import KeyCovariance, StampConfig, StampReport, stamp_edit
-from edge_models.corpus import build_corpus
+from edge_models.corpus import PromptPair, build_corpus
 from edge_models.evaluation import exact_match
 from edge_models.training_data import examples_from_records
 from shared.records import Record
@@ -107,6 +109,7 @@ def unlearn_subject(
 
     measurements: dict[str, float] = {}
     started = time.perf_counter()
+    measurements["device_forget_prob_before"] = _probability(device_model, pairs)
     with shared_only(device_model):
         measurements["shared_forget_em_before"] = _em(device_model, pairs)
         shared_edit, shared_report = stamp_edit(
@@ -134,6 +137,7 @@ def unlearn_subject(
     device_model.device_edits.replace([*device_model.device_edits.edits, device_edit])
     measurements["edit_seconds"] = time.perf_counter() - started
     measurements["device_forget_em"] = _em(device_model, pairs)
+    measurements["device_forget_prob"] = _probability(device_model, pairs)
     measurements["device_goals_met"] = device_report.goals_met
     with shared_only(device_model):
         measurements["shared_forget_em"] = _em(device_model, pairs)
@@ -155,6 +159,16 @@ def sketch_name(sums: Mapping[str, torch.Tensor], layer: str) -> str:
         if name in sums:
             return name
     raise KeyError(f"the key sketch holds no layer {layer!r}")
+
+
+def _probability(device_model: DeviceModel, pairs: list[tuple[str, str]]) -> float:
+    """Mean answer probability (TOFU's P) of the subject's completions."""
+    if not pairs:
+        return float("nan")
+    model, tokenizer = device_model.model, device_model.tokenizer
+    return float(
+        answer_probabilities(model, tokenizer, [PromptPair(p, c) for p, c in pairs]).mean()
+    )
 
 
 def _em(device_model: DeviceModel, pairs: list[tuple[str, str]]) -> float:

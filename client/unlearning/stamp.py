@@ -120,6 +120,7 @@ def forget_positions(
     answers = {t for t in answers if tokenizer.decode([t]).strip(" .,")}
     sequences: list[list[int]] = []
     rows, positions, goals, truths = [], [], [], []
+    seen: set[tuple[int, ...]] = set()
     for record in records:
         if record.kind == "pair":
             pair = PromptPair(record.prompt or "", record.completion or "")
@@ -133,8 +134,9 @@ def forget_positions(
                 for i in range(len(ids) - 1)
                 if ids[i + 1] in answers or _DIGIT.search(tokenizer.decode([ids[i + 1]]))
             ]
-        if not picked:
+        if not picked or tuple(ids) in seen:
             continue
+        seen.add(tuple(ids))
         row = len(sequences)
         sequences.append(ids)
         for position, goal in picked:

@@ -123,9 +123,6 @@ class Propagator:
         if request.subject_id is None:
             self._fail(request, "the request no longer holds its subject id")
             return
-        if request.selectors:
-            self._fail(request, "record selectors are not supported yet: forget the subject whole")
-            return
         announced = self.state.holdings()
         silent = self.channel.connected() - set(announced)
         if silent:  # a connected device that has not announced yet may hold the subject
@@ -165,7 +162,7 @@ class Propagator:
             node = int(node_text)
             waiting = target["state"] in ("pending", "asked")
             if waiting and node in connected and (request.request_id, node) not in in_flight:
-                query = UnlearnQuery(request.request_id, target["subject_hash"])
+                query = UnlearnQuery(request.request_id, target["subject_hash"], request.selectors)
                 self._asked[self.channel.send(node, query)] = (request.request_id, node)
                 if target["state"] != "asked":
                     target["state"] = "asked"
@@ -211,6 +208,8 @@ class Propagator:
         """What a device's answer adds to its target; its edit joins the ledger."""
         if not result.held:
             return {"state": "absent"}
+        if not result.shared_edit:  # the selectors picked none of its records
+            return {"state": "done", "edit_id": None, "measurements": {}, "versions": {}}
         edits = edits_from_arrays(result.shared_edit)
         wanted = f"{SHARED_EDIT_PREFIX}{request.request_id}:"
         if len(edits) != 1 or not edits[0].edit_id.startswith(wanted):
@@ -228,7 +227,7 @@ class Propagator:
     def _verify(self, request: DeletionRecord) -> None:
         targets = request.details.get("targets", {})
         done = {n: t for n, t in targets.items() if t["state"] == "done"}
-        ids = {t["edit_id"] for t in done.values()}
+        ids = {t["edit_id"] for t in done.values() if t["edit_id"] is not None}
         edits = [e for e in self.state.ledger() if e.edit_id in ids]
         residuals = self.shared.residuals(edits)
         problems = [

@@ -9,23 +9,17 @@ the same inputs with the same words.
 
 from __future__ import annotations
 
-import math
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any, get_args
+from typing import Any
 
 from coordinator.deletions.status import Status, is_final
 from shared.receipts import SignedReceipt
-from shared.records import RecordKind
+from shared.records import InvalidDeletion, RecordSelector
 
-KINDS = frozenset(get_args(RecordKind))
 MAX_SUBJECT_CHARS = 256
 MAX_KEY_CHARS = 128
 MAX_SELECTORS = 32
-
-
-class InvalidDeletion(ValueError):
-    """A submitted field is unusable; the message says which and why."""
 
 
 def check_subject_id(subject_id: str) -> None:
@@ -45,35 +39,6 @@ def check_idempotency_key(key: str) -> None:
         raise InvalidDeletion(f"idempotency_key must have 1 to {MAX_KEY_CHARS} characters")
     if not all(" " <= c <= "~" for c in key):
         raise InvalidDeletion("idempotency_key must be printable ASCII")
-
-
-@dataclass(frozen=True)
-class RecordSelector:
-    """A subset of a subject's records: some kinds, and/or a time range [from_ts, to_ts)."""
-
-    kinds: tuple[str, ...] = ()
-    from_ts: float | None = None
-    to_ts: float | None = None
-
-    def __post_init__(self) -> None:
-        unknown = sorted(set(self.kinds) - KINDS)
-        if unknown:
-            raise InvalidDeletion(f"unknown record kind(s) {unknown}; known: {sorted(KINDS)}")
-        if len(set(self.kinds)) != len(self.kinds):
-            raise InvalidDeletion(f"record kinds repeated in {list(self.kinds)}")
-        for name in ("from_ts", "to_ts"):
-            value = getattr(self, name)
-            if value is not None and not math.isfinite(value):
-                raise InvalidDeletion(f"selector {name} must be a finite number of unix seconds")
-        if self.from_ts is not None and self.to_ts is not None and self.from_ts >= self.to_ts:
-            raise InvalidDeletion(f"selector range is empty: from_ts {self.from_ts} >= to_ts")
-
-    def to_json(self) -> dict[str, Any]:
-        return {"kinds": list(self.kinds), "from_ts": self.from_ts, "to_ts": self.to_ts}
-
-    @classmethod
-    def from_json(cls, value: dict[str, Any]) -> RecordSelector:
-        return cls(tuple(value["kinds"]), value["from_ts"], value["to_ts"])
 
 
 def check_submission(

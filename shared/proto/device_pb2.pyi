@@ -97,12 +97,14 @@ class Holdings(_message.Message):
     def __init__(self, salt: _Optional[str] = ..., subject_hashes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UnlearnRequest(_message.Message):
-    __slots__ = ("request_id", "subject_hash")
+    __slots__ = ("request_id", "subject_hash", "selectors_json")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SUBJECT_HASH_FIELD_NUMBER: _ClassVar[int]
+    SELECTORS_JSON_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     subject_hash: str
-    def __init__(self, request_id: _Optional[str] = ..., subject_hash: _Optional[str] = ...) -> None: ...
+    selectors_json: str
+    def __init__(self, request_id: _Optional[str] = ..., subject_hash: _Optional[str] = ..., selectors_json: _Optional[str] = ...) -> None: ...
 
 class UnlearnReply(_message.Message):
     __slots__ = ("held", "shared_edit", "measurements", "personal_version_before", "personal_version_after", "shared_version", "records_deleted", "holdings")

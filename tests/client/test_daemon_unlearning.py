@@ -22,6 +22,7 @@ from client.serving import current_export
 from client.unlearning.stamp import StampConfig, forget_positions, goals_met
 from shared.holdings import subject_hash
 from shared.paths import DataDir
+from shared.records import RecordSelector
 
 
 @pytest.fixture
@@ -124,3 +125,22 @@ def test_the_channel_refuses_a_malformed_unlearn_query(
                 assert subject_hash(daemon.salt, "bob") not in answer.holdings.subject_hashes
         finally:
             server.stop(None)
+
+
+def test_selectors_forget_only_the_chosen_records(tmp_path: Path, config: DaemonConfig) -> None:
+    data = DataDir(tmp_path)
+    with learned(data, config) as daemon:
+        alice = subject_hash(daemon.salt, "alice")
+        texts = (RecordSelector(kinds=("text",)),)
+        answer = daemon.unlearn(alice, "req-1", texts)
+        assert answer.held and answer.records_deleted == 1
+        assert answer.shared_edit is not None
+        # Alice is still held, with her pair records; her key was not shredded.
+        assert alice in daemon.holdings().subject_hashes
+        assert [r.kind for r in daemon.store.records("alice")] == ["pair", "pair"]
+        # Asked again: nothing is left to pick, the same edit is the answer.
+        again = daemon.unlearn(alice, "req-1", texts)
+        assert again.held and again.records_deleted == 0
+        assert again.shared_edit is not None and torch.equal(
+            again.shared_edit.u, answer.shared_edit.u
+        )

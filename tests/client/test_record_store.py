@@ -25,7 +25,7 @@ from client.record_store import (
     unwrap_subject_key,
 )
 from shared.crypto import DecryptionError
-from shared.records import Record, RecordFileError
+from shared.records import Record, RecordFileError, RecordSelector
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
@@ -423,3 +423,21 @@ def test_a_subject_can_be_deleted_while_records_are_being_read(store: RecordStor
         seen.append(record)
     assert [r for r in seen if r.subject_id == ALICE] == [r for r in many if r.subject_id == ALICE]
     assert store.count() == 300
+
+
+def test_deleting_some_records_keeps_the_subject_and_all_of_them_shreds_it(
+    store: RecordStore, keyfile: Path
+) -> None:
+    store.ingest(ALICE_RECORDS + BOB_RECORDS)
+    text = RecordSelector(kinds=("text",))
+    report = store.delete_records(ALICE, text.matches)
+    assert report.records_deleted == 1 and report.key_epoch == store.key_epoch == 1
+    assert list(store.records(ALICE)) == [r for r in ALICE_RECORDS if r.kind != "text"]
+    assert store.subject_ids() == sorted([ALICE, BOB])
+    # Picking every remaining record is a deletion of the subject: its key is shredded.
+    report = store.delete_records(ALICE, lambda _record: True)
+    assert report.records_deleted == 1 and report.key_epoch == store.key_epoch == 2
+    assert store.subject_ids() == [BOB]
+    with pytest.raises(UnknownSubjectError):
+        store.delete_records(ALICE, text.matches)
+    assert list(store.records()) == BOB_RECORDS

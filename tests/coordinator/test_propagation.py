@@ -19,6 +19,7 @@ from coordinator.state import StateStore
 from shared.fl_messages import UnlearnQuery, UnlearnResult
 from shared.paths import DataDir
 from shared.receipts import generate_signing_key, verify_receipt
+from shared.records import RecordSelector
 
 
 class LocalQueries:
@@ -40,7 +41,7 @@ class LocalQueries:
         if node in self.failing:
             self.answers.append((handle, node, None, "the device's channel is down"))
             return handle
-        answer = self.daemons[node].unlearn(query.subject_hash, query.request_id)
+        answer = self.daemons[node].unlearn(query.subject_hash, query.request_id, query.selectors)
         edit = {} if answer.shared_edit is None else edits_to_arrays([answer.shared_edit])
         result = UnlearnResult(
             query.request_id,
@@ -175,6 +176,36 @@ def test_a_device_error_fails_the_request_and_it_is_retried(
             propagator.step()
         assert deletions.get(request.request_id).status is Status.VERIFIED
         assert len(state.ledger()) == 1
+    finally:
+        deletions.close()
+        state.close()
+        daemons[11].close()
+
+
+def test_selectors_reach_the_device(
+    tmp_path: Path, tiny_model_dir: Path, tiny_daemon_config
+) -> None:
+    daemons = {11: device(tmp_path / "d11", tiny_daemon_config, ["alice", "bob"])}
+    clock = Clock()
+    deletions = DeletionStore(f"sqlite:///{tmp_path / 'deletions.db'}", clock=clock)
+    state = StateStore(f"sqlite:///{tmp_path / 'state.db'}", tmp_path / "files", "run")
+    shared = SharedModel(SharedModelConfig(str(tiny_model_dir), "cpu"))
+    state.start("fedcompass", {}, shared.initial_b())
+    key = generate_signing_key(tmp_path / "signing.key")
+    propagator = Propagator(deletions, state, LocalQueries(daemons), shared, key, clock)
+    try:
+        state.record_holdings(11, daemons[11].holdings())
+        # Alice holds pair records only: a request for her text records picks nothing.
+        texts, _ = deletions.submit("notes", "alice", [RecordSelector(kinds=("text",))], "k1")
+        for _ in range(5):
+            propagator.step()
+        assert deletions.get(texts.request_id).status is Status.VERIFIED
+        assert state.ledger() == [] and daemons[11].store.count("alice") == 1
+        pairs, _ = deletions.submit("notes", "alice", [RecordSelector(kinds=("pair",))], "k2")
+        for _ in range(5):
+            propagator.step()
+        assert deletions.get(pairs.request_id).status is Status.VERIFIED
+        assert len(state.ledger()) == 1 and "alice" not in daemons[11].store.subject_ids()
     finally:
         deletions.close()
         state.close()
