@@ -27,7 +27,14 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from shared.fl_messages import TrainReply, TrainRequest, UnlearnQuery, UnlearnResult
+from shared.fl_messages import (
+    TrainReply,
+    TrainRequest,
+    UnlearnQuery,
+    UnlearnResult,
+    announce_reply,
+    is_announce_query,
+)
 
 app = ClientApp()
 
@@ -58,10 +65,14 @@ def train(message: Message, context: Context) -> Message:
 
 
 @app.query()
-def unlearn(message: Message, context: Context) -> Message:
+def answer_query(message: Message, context: Context) -> Message:
+    """An unlearn query, or a request to announce what the device holds."""
     from client.device_channel import DeviceClient
     from shared.records import selectors_to_json
 
+    if is_announce_query(message.content):
+        with DeviceClient(_device_dir(context)) as device:
+            return Message(announce_reply(device.announce()), reply_to=message)
     query = UnlearnQuery.from_content(message.content)
     with DeviceClient(_device_dir(context)) as device:
         answer = device.unlearn(

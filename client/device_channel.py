@@ -122,6 +122,13 @@ class DeviceClient:
             holdings=holdings_from_proto(reply.holdings),
         )
 
+    def announce(self) -> Holdings:
+        """Which subjects the device holds now (salted hashes)."""
+        reply = self._stub.Announce(
+            device_pb2.AnnounceRequest(), metadata=self._metadata, timeout=self._timeout
+        )
+        return holdings_from_proto(reply)
+
     def unlearn(
         self, request_id: str, subject_hash: str, selectors_json: str = ""
     ) -> UnlearnAnswer:

@@ -141,6 +141,11 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
             holdings=self._holdings(),
         )
 
+    def Announce(  # noqa: N802
+        self, request: device_pb2.AnnounceRequest, context: grpc.ServicerContext
+    ) -> device_pb2.Holdings:
+        return self._holdings()
+
     def _holdings(self) -> device_pb2.Holdings:
         return holdings_to_proto(self.daemon.holdings())
 

@@ -25,17 +25,17 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from client.unlearning.edits import edits_to_arrays
 from coordinator.core import Coordinator, Work
-from coordinator.deletions.propagation import Propagator
+from coordinator.deletions.propagation import Answer, Propagator
 from coordinator.run_config import RunConfig, typed_value
 from coordinator.runner import WallClockConfig, run_wall_clock
 from coordinator.simulation.clock import ClockConfig, VirtualResult, draw_speeds, run_virtual
@@ -47,6 +47,8 @@ from shared.fl_messages import (
     TrainRequest,
     UnlearnQuery,
     UnlearnResult,
+    announce_query,
+    holdings_of,
 )
 from shared.paths import DataDir, default_data_dir
 
@@ -176,32 +178,38 @@ class GridQueries:
     def __init__(self, grid: Grid, ttl_s: float) -> None:
         self.grid = grid
         self.ttl_s = ttl_s
-        self.waiting: dict[str, int] = {}
+        self.waiting: dict[str, tuple[int, Callable[[RecordDict], Answer]]] = {}
 
     def connected(self) -> set[int]:
         return set(self.grid.get_node_ids())
 
     def send(self, node: int, query: UnlearnQuery) -> str:
-        message = Message(query.to_content(), node, QUERY, ttl=self.ttl_s)
-        [message_id] = list(self.grid.push_messages([message]))
-        self.waiting[message_id] = node
-        return message_id
+        return self._push(node, query.to_content(), UnlearnResult.from_content)
 
-    def poll(self) -> list[tuple[str, int, UnlearnResult | None, str]]:
+    def announce(self, node: int) -> str:
+        return self._push(node, announce_query(), holdings_of)
+
+    def poll(self) -> list[tuple[str, int, Answer, str]]:
         if not self.waiting:
             return []
-        out = []
+        out: list[tuple[str, int, Answer, str]] = []
         for reply in self.grid.pull_messages(list(self.waiting)):
             handle = reply.metadata.reply_to_message_id
-            node = self.waiting.pop(handle)
+            node, parse = self.waiting.pop(handle)
             if reply.has_error():
                 out.append((handle, node, None, reply.error.reason))
                 continue
             try:
-                out.append((handle, node, UnlearnResult.from_content(reply.content), ""))
+                out.append((handle, node, parse(reply.content), ""))
             except MessageError as error:
                 out.append((handle, node, None, f"malformed answer: {error}"))
         return out
+
+    def _push(self, node: int, content: RecordDict, parse: Callable[[RecordDict], Answer]) -> str:
+        message = Message(content, node, QUERY, ttl=self.ttl_s)
+        [message_id] = list(self.grid.push_messages([message]))
+        self.waiting[message_id] = (node, parse)
+        return message_id
 
     def _workload(self, work: Work) -> dict[str, Any]:
         if self.to_grid is None:

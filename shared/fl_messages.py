@@ -126,6 +126,31 @@ class TrainReply:
         )
 
 
+ANNOUNCE = "announce"
+
+
+def announce_query() -> RecordDict:
+    """The query that asks a device which subjects it holds (a device that has not answered
+    a train message yet has not said)."""
+    return RecordDict({ANNOUNCE: ConfigRecord({})})
+
+
+def is_announce_query(content: RecordDict) -> bool:
+    return ANNOUNCE in content
+
+
+def announce_reply(holdings: Holdings) -> RecordDict:
+    return RecordDict({HOLDINGS: _holdings_record(holdings)})
+
+
+def holdings_of(content: RecordDict) -> Holdings:
+    """The holdings a reply carries; MessageError when it carries none."""
+    holdings = _holdings(content)
+    if holdings is None:
+        raise MessageError("the reply carries no holdings")
+    return holdings
+
+
 @dataclass(frozen=True)
 class UnlearnQuery:
     """Forget one subject (or the records `selectors` pick): which request, and the subject

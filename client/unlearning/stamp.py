@@ -354,16 +354,29 @@ def optimise_targets(
         model(input_ids=ids, attention_mask=mask, use_cache=False)
     handle.remove()
     d_out = outputs["now"].shape[1]
-    delta = torch.zeros(len(forget), d_out, device=device, requires_grad=True)
-    optimiser = torch.optim.Adam([delta], lr=config.target_lr)
+    # Steps in units of the layer's own output scale: a fixed step size that suits one
+    # layer is far too small for another (output norms grow with depth).
+    scale = outputs["now"].pow(2).mean().sqrt()
+    z = torch.zeros(len(forget), d_out, device=device, requires_grad=True)
+    optimiser = torch.optim.Adam([z], lr=config.target_lr)
+    import os
+
+    deepfool = os.environ.get("TGT") == "df"
     try:
         for _ in range(config.target_steps):
+            delta = scale * z
             with _adding_at(module, rows, positions, delta.to(outputs["now"].dtype)):
                 logits = _position_logits(model, ids, mask, rows, positions)
             losses = _goal_losses(logits, goal, truth, config.margin)
             if not bool((losses > 0).any()):
                 break
-            loss = losses.sum() + config.target_decay * delta.pow(2).sum()
+            if deepfool:
+                (grad,) = torch.autograd.grad(losses.sum(), z)
+                with torch.no_grad():
+                    norm2 = grad.pow(2).sum(1, keepdim=True).clamp_min(1e-12)
+                    z -= config.target_lr * (losses[:, None] / norm2) * grad
+                continue
+            loss = losses.sum() + config.target_decay * z.pow(2).sum()
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -371,7 +384,7 @@ def optimise_targets(
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(was_training)
-    return delta.detach().T, outputs["now"].T
+    return (scale * z).detach().T, outputs["now"].T
 
 
 @torch.inference_mode()

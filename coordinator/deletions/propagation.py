@@ -44,7 +44,7 @@ from coordinator.deletions.status import Status
 from coordinator.deletions.store import DeletionStore, IllegalTransition
 from coordinator.state import StateStore
 from shared.fl_messages import UnlearnQuery, UnlearnResult
-from shared.holdings import subject_hash
+from shared.holdings import Holdings, subject_hash
 from shared.receipts import sign_receipt
 
 log = logging.getLogger(__name__)
@@ -54,16 +54,22 @@ ZERO_MEASURES = ("device_forget_em", "shared_forget_em", "onnx_forget_em")
 RESIDUAL_TOLERANCE = 0.1
 
 
+Answer = UnlearnResult | Holdings | None
+
+
 class QueryChannel(Protocol):
-    """How unlearn queries reach devices (Flower's Grid in the ServerApp)."""
+    """How queries reach devices (Flower's Grid in the ServerApp)."""
 
     def connected(self) -> set[int]: ...
 
     def send(self, node: int, query: UnlearnQuery) -> str:
-        """Send; returns a handle that `poll` names the answer by."""
+        """Send an unlearn query; returns a handle that `poll` names the answer by."""
 
-    def poll(self) -> list[tuple[str, int, UnlearnResult | None, str]]:
-        """Answers since the last poll: (handle, node, result or None, error reason)."""
+    def announce(self, node: int) -> str:
+        """Ask a device which subjects it holds; the answer is its `Holdings`."""
+
+    def poll(self) -> list[tuple[str, int, Answer, str]]:
+        """Answers since the last poll: (handle, node, answer or None, error reason)."""
 
 
 class SharedWeights(Protocol):
@@ -87,6 +93,7 @@ class Propagator:
 
     def __post_init__(self) -> None:
         self._asked: dict[str, tuple[str, int]] = {}  # handle -> (request id, node)
+        self._announcing: dict[str, int] = {}  # handle -> node asked to announce
 
     def step(self) -> bool:
         """Move every open request as far as it goes now; True when the ledger grew (the
@@ -126,6 +133,8 @@ class Propagator:
         announced = self.state.holdings()
         silent = self.channel.connected() - set(announced)
         if silent:  # a connected device that has not announced yet may hold the subject
+            for node in silent - set(self._announcing.values()):
+                self._announcing[self.channel.announce(node)] = node
             log.info(
                 "request %s waits for %d device(s) to announce", request.request_id, len(silent)
             )
@@ -180,6 +189,12 @@ class Propagator:
     def _take_answers(self) -> bool:
         grew = False
         for handle, node, result, reason in self.channel.poll():
+            if self._announcing.pop(handle, None) is not None:
+                if isinstance(result, Holdings):
+                    self.state.record_holdings(node, result)
+                else:
+                    log.warning("device %d did not announce: %s", node, reason or result)
+                continue
             asked = self._asked.pop(handle, None)
             if asked is None:
                 continue
@@ -187,8 +202,8 @@ class Propagator:
             request = self.deletions.get(request_id)
             if request.status is not Status.DISPATCHED:
                 continue
-            if result is None:
-                self._fail(request, f"device {node}: {reason}")
+            if not isinstance(result, UnlearnResult):
+                self._fail(request, f"device {node}: {reason or 'not an unlearn answer'}")
                 continue
             if result.holdings is not None:
                 self.state.record_holdings(node, result.holdings)

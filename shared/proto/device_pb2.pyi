@@ -132,3 +132,7 @@ class UnlearnReply(_message.Message):
     records_deleted: int
     holdings: Holdings
     def __init__(self, held: _Optional[bool] = ..., shared_edit: _Optional[bytes] = ..., measurements: _Optional[_Mapping[str, float]] = ..., personal_version_before: _Optional[int] = ..., personal_version_after: _Optional[int] = ..., shared_version: _Optional[int] = ..., records_deleted: _Optional[int] = ..., holdings: _Optional[_Union[Holdings, _Mapping]] = ...) -> None: ...
+
+class AnnounceRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

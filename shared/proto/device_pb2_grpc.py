@@ -54,6 +54,11 @@ class DeviceStub:
                 request_serializer=shared_dot_proto_dot_device__pb2.UnlearnRequest.SerializeToString,
                 response_deserializer=shared_dot_proto_dot_device__pb2.UnlearnReply.FromString,
                 _registered_method=True)
+        self.Announce = channel.unary_unary(
+                '/lethe.device.Device/Announce',
+                request_serializer=shared_dot_proto_dot_device__pb2.AnnounceRequest.SerializeToString,
+                response_deserializer=shared_dot_proto_dot_device__pb2.Holdings.FromString,
+                _registered_method=True)
 
 
 class DeviceServicer:
@@ -83,6 +88,12 @@ class DeviceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Announce(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +116,11 @@ def add_DeviceServicer_to_server(servicer, server):
                     servicer.Unlearn,
                     request_deserializer=shared_dot_proto_dot_device__pb2.UnlearnRequest.FromString,
                     response_serializer=shared_dot_proto_dot_device__pb2.UnlearnReply.SerializeToString,
+            ),
+            'Announce': grpc.unary_unary_rpc_method_handler(
+                    servicer.Announce,
+                    request_deserializer=shared_dot_proto_dot_device__pb2.AnnounceRequest.FromString,
+                    response_serializer=shared_dot_proto_dot_device__pb2.Holdings.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +231,33 @@ class Device:
             '/lethe.device.Device/Unlearn',
             shared_dot_proto_dot_device__pb2.UnlearnRequest.SerializeToString,
             shared_dot_proto_dot_device__pb2.UnlearnReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Announce(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lethe.device.Device/Announce',
+            shared_dot_proto_dot_device__pb2.AnnounceRequest.SerializeToString,
+            shared_dot_proto_dot_device__pb2.Holdings.FromString,
             options,
             channel_credentials,
             insecure,

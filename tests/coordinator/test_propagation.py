@@ -11,7 +11,7 @@ from pathlib import Path
 from client.daemon import DaemonConfig, DeviceDaemon
 from client.unlearning.edits import edits_to_arrays
 from client.unlearning.stamp import StampConfig
-from coordinator.deletions.propagation import Propagator
+from coordinator.deletions.propagation import Answer, Propagator
 from coordinator.deletions.status import RetryPolicy, Status
 from coordinator.deletions.store import DeletionStore
 from coordinator.shared_model import SharedModel, SharedModelConfig
@@ -29,7 +29,7 @@ class LocalQueries:
         self.daemons = daemons
         self.online = set(daemons)
         self.failing: set[int] = set()
-        self.answers: list[tuple[str, int, UnlearnResult | None, str]] = []
+        self.answers: list[tuple[str, int, Answer, str]] = []
         self.sent: list[int] = []
 
     def connected(self) -> set[int]:
@@ -54,7 +54,13 @@ class LocalQueries:
         self.answers.append((handle, node, result, ""))
         return handle
 
-    def poll(self) -> list[tuple[str, int, UnlearnResult | None, str]]:
+    def announce(self, node: int) -> str:
+        handle = f"m{len(self.sent)}"
+        self.sent.append(node)
+        self.answers.append((handle, node, self.daemons[node].holdings(), ""))
+        return handle
+
+    def poll(self) -> list[tuple[str, int, Answer, str]]:
         out, self.answers = self.answers, []
         return out
 
@@ -104,15 +110,15 @@ def test_a_request_reaches_every_holder_and_ends_verified(
     try:
         request, _ = deletions.submit("notes", "alice", [], "k1")
         nobody, _ = deletions.submit("notes", "zed", [], "k2")
-        # Nobody has announced yet: the request waits rather than finding no holder.
+        # Nobody has announced yet: the request waits and the connected devices are asked.
         propagator.step()
         assert deletions.get(request.request_id).status is Status.RECEIVED
-        for node in (11, 22, 33):
-            state.record_holdings(node, daemons[node].holdings())
-        assert not propagator.step()  # holders found, node 11 asked
+        assert sorted(channel.sent) == [11, 33] and set(state.holdings()) == set()
+        state.record_holdings(22, daemons[22].holdings())  # 22 announced before it went away
+        assert not propagator.step()  # announcements in, holders found, node 11 asked
         assert propagator.step()  # node 11 answered: its edit joined the ledger
         assert deletions.get(request.request_id).status is Status.DISPATCHED
-        assert channel.sent == [11]
+        assert channel.sent[2:] == [11]
         assert [e.edit_id.split(":")[1] for e in state.ledger()] == [request.request_id]
         # Node 22 comes back and is asked; both edits are in, the request goes through.
         channel.online.add(22)
@@ -120,7 +126,7 @@ def test_a_request_reaches_every_holder_and_ends_verified(
             propagator.step()
         done = deletions.get(request.request_id)
         assert done.status is Status.VERIFIED, done
-        assert channel.sent == [11, 22]
+        assert channel.sent[2:] == [11, 22]
         assert len(state.ledger()) == 2
         assert done.subject_id is None  # the coordinator forgets the raw id once done
         assert done.receipt is not None
