@@ -33,7 +33,7 @@ from typing import Any
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from client.unlearning.edits import edits_to_arrays
+from client.unlearning.edits import LayerEdit, edits_to_arrays
 from coordinator.core import Coordinator, Work
 from coordinator.deletions.propagation import Answer, Propagator
 from coordinator.run_config import RunConfig, typed_value
@@ -113,10 +113,12 @@ class GridFleet:
         node_ids: dict[int, int] | None = None,
         workload: dict[str, Any] | None = None,
         state: StateStore | None = None,
+        ledger: Callable[[], list[LayerEdit]] = list,
     ) -> None:
         self.grid = grid
         self.ttl_s = ttl_s
-        self.state = state  # deployment: holdings are recorded, the ledger is sent
+        self.state = state  # deployment: the holdings replies announce are recorded here
+        self.ledger = ledger  # the edit ledger every train message carries
         self.waiting: dict[str, int] = {}  # message id -> coordinator node
         self.arrived: dict[str, tuple[int, TrainReply | None]] = {}  # pulled, not yet taken
         # A simulated fleet numbers nodes 0..N-1 (speeds and data follow the index)
@@ -128,7 +130,7 @@ class GridFleet:
         return set(self.grid.get_node_ids())
 
     def send(self, work: Work, seed: int) -> str:
-        ledger = {} if self.state is None else edits_to_arrays(self.state.ledger())
+        ledger = edits_to_arrays(self.ledger())
         request = TrainRequest(
             work.model, work.steps, work.version, seed, **self._workload(work), ledger=ledger
         )
@@ -316,7 +318,12 @@ def run_deployment(grid: Grid, settings: ServerSettings, config: RunConfig) -> N
     try:
         run_wall_clock(
             core,
-            GridFleet(grid, settings.ttl_s, state=store),
+            GridFleet(
+                grid,
+                settings.ttl_s,
+                state=store,
+                ledger=lambda: shared.device_model.shared_edits.edits,
+            ),
             wall,
             resumed=saved is not None,
             on_version=aggregated,
