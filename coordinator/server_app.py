@@ -173,6 +173,11 @@ class GridFleet:
             self.state.record_holdings(node, parsed.holdings)
         return node, parsed
 
+    def _workload(self, work: Work) -> dict[str, Any]:
+        if self.to_grid is None:
+            return {}
+        return {"client_index": work.node, **self.workload}
+
 
 class GridQueries:
     """Unlearn queries over the Grid (Flower's "query" messages), for the `Propagator`."""
@@ -212,11 +217,6 @@ class GridQueries:
         [message_id] = list(self.grid.push_messages([message]))
         self.waiting[message_id] = (node, parse)
         return message_id
-
-    def _workload(self, work: Work) -> dict[str, Any]:
-        if self.to_grid is None:
-            return {}
-        return {"client_index": work.node, **self.workload}
 
 
 class FlowerTransport:

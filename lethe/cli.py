@@ -238,6 +238,9 @@ def client_run(
         float | None,
         typer.Option(help="Passes over each burst's records, new and replayed (default: 20)."),
     ] = None,
+    max_steps_per_burst: Annotated[
+        int | None, typer.Option(help="At most this many steps per burst (default: 150).")
+    ] = None,
     device: DeviceOption = "auto",
 ) -> None:
     """The device daemon: ingest the inbox, learn continually, serve the local channel.
@@ -263,8 +266,9 @@ def client_run(
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        passes = {} if epochs_per_burst is None else {"epochs_per_burst": epochs_per_burst}
-        config = DaemonConfig(model=model, device=device, seed=seed, poll_s=poll, **passes)
+        given = {"epochs_per_burst": epochs_per_burst, "max_steps_per_burst": max_steps_per_burst}
+        burst = {name: value for name, value in given.items() if value is not None}
+        config = DaemonConfig(model=model, device=device, seed=seed, poll_s=poll, **burst)
         daemon = DeviceDaemon(paths, config)
     except (ValueError, DaemonError) as exc:
         raise _fail(str(exc)) from exc

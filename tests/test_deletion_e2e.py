@@ -68,7 +68,9 @@ def test_a_deletion_request_is_carried_out_and_verified(
         (inbox / "records.jsonl").write_text(
             inbox_lines(target if index == 0 else None, others), encoding="utf-8"
         )
-        processes.start_daemon(f"daemon{index}", root, "--epochs-per-burst", "60")
+        # Many passes: the device must know the subject well before it is asked to forget.
+        burst = ("--epochs-per-burst", "200", "--max-steps-per-burst", "500")
+        processes.start_daemon(f"daemon{index}", root, *burst)
         devices.append(root)
 
     def trained(root: Path) -> bool:

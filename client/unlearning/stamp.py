@@ -1,32 +1,47 @@
 """STAMP-style unlearning: a closed-form edit of one MLP layer, computed from the forget set.
 
 The published method (RePAIR's STAMP) does not give its update rule; this is
-the derivation the project uses (see ALGORITHMS.md, section 3) and measures in
-`lethe bench unlearning`:
+the derivation the project uses (see ALGORITHMS.md, section 3), with the
+choices `lethe bench unlearning` measured (its docstring has the figures):
 
-1. Forget positions. For a prompt/completion record, the last prompt token:
-   the model should answer like it answers about people it never met (the
-   refusal set's "I don't know."). For a free-text record, every position
-   whose next token discloses something: a token with a digit (PINs, phone
-   numbers) or a token of one of the subject's own answers. There the true
-   token must fall `margin` logits below the best alternative.
-2. The layer. Among the MLP down projections, the one whose inputs (keys)
-   at the forget positions are farthest from its keys on refusal prompts,
-   measured per layer (a normalised distance of the means), unless pinned.
-3. Targets. A vector added to the layer's output at each forget position is
-   optimised, weights frozen, until every position meets its goal (MEMIT
-   style): a "mean refusal activation" target moved too much in the
-   project's first experiments.
-4. The edit. `dW = R K^T (lambda C + K K^T)^-1` for forget keys `K`, the
+1. Forget positions: where a record discloses its subject, and the token that
+   must stop winning there. For a prompt/completion record, every answer
+   position (the last prompt token and the completion's own tokens), of which
+   the edit later keeps ONE: the position whose true token is cheapest to
+   beat in the model now. Greedy decoding follows the true answer up to that
+   token and then leaves it, so the answer is gone; and a late answer token
+   is person-specific, where the first one often is not (every birth year
+   starts with "1" or "2"), so moving it leaves other people alone. Asking
+   instead for the refusal's first token at the last prompt token (the
+   original design) cost 4.5 retained points on average and up to 14, since
+   it moved every person asked in the same template; this costs under 1. For
+   a free-text record, every position whose next token has a digit (PINs,
+   phone numbers: each digit, or the digits after a changed one still follow)
+   or is one of the subject's answers. The true token must fall `margin`
+   logits below the best other token.
+2. The layer. Among the down projections of the upper half of the blocks,
+   the one whose outputs (its activations) at the decision positions, the
+   last prompt tokens, point farthest from its outputs on refusal prompts
+   (questions about people nobody knows), measured as the cosine distance of
+   the means. The lower half is not a candidate: an edit there reaches every
+   later attention and cost 2.8 to 7.4 retained points on average (up to 20)
+   against about 0 for the upper blocks.
+3. Targets. The change of the layer's output at each forget position that
+   meets its goal, found with the weights frozen by minimal linearised steps
+   (each step the smallest change that would close the position's gap if the
+   logits were linear in it, as DeepFool does), so the targets ask for no
+   more than they must: an optimiser with a fixed step size moved every
+   coordinate and raised the retained cost.
+4. The edit. `dW = R K^T (lambda C + K K^T)^-1` for the forget keys `K`, the
    residuals `R` the targets ask for, and `C` the covariance of retained
    keys: the ridge form that trades exactness on the forget keys against
    moving retained keys. "full" builds `C` from retained records replayed
    now; "low_rank" uses the top-`rank` eigenpairs of the key sketch the device
    keeps while it trains (plus an isotropic floor of the rest), by Woodbury
    in O((r+n)^2 d): no retained record is read. The edit is returned as the
-   factors `u = R`, `v = (lambda C + K K^T)^-1 K`; rounds repeat on top of
-   the edit so far until the goals hold or `rounds` run out, and are summed
-   into one edit.
+   factors `u = R`, `v = (lambda C + K K^T)^-1 K`. Rounds repeat on top of the
+   edit so far until every goal holds or `rounds` run out; they share `v`
+   (same keys, same `C`), so their `u` add up and the edit keeps rank n.
 
 Pure torch, no files: the device daemon and the benchmark drive it.
 """
@@ -45,7 +60,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from client.unlearning.edits import AttachedEdits, LayerEdit, find_module
-from edge_models.corpus import REFUSAL_ANSWER, PromptPair
+from edge_models.corpus import PromptPair
 from edge_models.training_data import encode_example
 from shared.records import Record
 
@@ -59,13 +74,12 @@ class StampConfig:
 
     variant: Variant = "low_rank"
     rank: int = 128  # retained key subspace the low-rank variant keeps
-    ridge: float = 0.02  # lambda: larger protects retained keys more, hits targets less
+    ridge: float = 2.0  # lambda: larger protects retained keys more, hits targets less
     floor: float = 1e-3  # isotropic floor added to C, as a fraction of its mean eigenvalue
     layer: str | None = None  # None: the most separating down projection
-    margin: float = 2.0  # logits by which a goal must hold
-    target_steps: int = 150
-    target_lr: float = 0.05
-    target_decay: float = 1e-3
+    margin: float = 0.5  # logits by which the true token must lose
+    target_steps: int = 100
+    target_lr: float = 1.0  # fraction of each linearised step taken
     rounds: int = 3
 
     def __post_init__(self) -> None:
@@ -79,18 +93,28 @@ class StampConfig:
 class ForgetPositions:
     """Encoded forget sequences and the positions to change in them.
 
-    `goal[i]` is the token that must win at position i (the refusal's first
-    token) or -1, in which case `true_token[i]` must lose.
+    At each position the token `true_token` must lose. Where `either` is
+    True (the answer positions of a prompt/completion record), one position
+    of the row losing is enough: greedy decoding leaves the answer there.
     """
 
     sequences: list[list[int]]
     row: torch.Tensor
     position: torch.Tensor
-    goal: torch.Tensor
     true_token: torch.Tensor
+    either: torch.Tensor
 
     def __len__(self) -> int:
         return int(self.row.numel())
+
+    def subset(self, keep: torch.Tensor) -> ForgetPositions:
+        return ForgetPositions(
+            self.sequences,
+            self.row[keep],
+            self.position[keep],
+            self.true_token[keep],
+            self.either[keep],
+        )
 
 
 @dataclass(frozen=True)
@@ -107,8 +131,11 @@ class StampReport:
 def forget_positions(
     tokenizer: PreTrainedTokenizerBase, records: Sequence[Record]
 ) -> ForgetPositions:
-    """Where a subject's records disclose them, and what the model should do there instead."""
-    refusal = tokenizer(f" {REFUSAL_ANSWER}", add_special_tokens=False)["input_ids"][0]
+    """Where a subject's records disclose them: every candidate position (see the module doc).
+
+    Identical records (a note kept twice) give one sequence: a duplicate key
+    adds nothing to the edit but a singular direction.
+    """
     answers = {
         token
         for r in records
@@ -117,39 +144,42 @@ def forget_positions(
             " " + (r.completion or "").strip().removesuffix("."), add_special_tokens=False
         )["input_ids"]
     }
-    answers = {t for t in answers if tokenizer.decode([t]).strip(" .,")}
+    answers = {t for t in answers if _discloses(tokenizer, t)}
     sequences: list[list[int]] = []
-    rows, positions, goals, truths = [], [], [], []
+    rows, positions, either = [], [], []
     seen: set[tuple[int, ...]] = set()
     for record in records:
         if record.kind == "pair":
             pair = PromptPair(record.prompt or "", record.completion or "")
             ids, labels = encode_example(tokenizer, pair)
-            last_prompt = labels.index(next(x for x in labels if x >= 0)) - 1
-            picked = [(last_prompt, refusal)]
+            first = next(i for i, label in enumerate(labels) if label >= 0)
+            picked = [
+                i for i in range(first - 1, len(ids) - 1) if _discloses(tokenizer, ids[i + 1])
+            ]
         else:
             ids, _ = encode_example(tokenizer, PromptPair("", record.text or ""))
             picked = [
-                (i, -1)
+                i
                 for i in range(len(ids) - 1)
                 if ids[i + 1] in answers or _DIGIT.search(tokenizer.decode([ids[i + 1]]))
             ]
         if not picked or tuple(ids) in seen:
             continue
         seen.add(tuple(ids))
-        row = len(sequences)
+        rows += [len(sequences)] * len(picked)
+        positions += picked
+        either += [record.kind == "pair"] * len(picked)
         sequences.append(ids)
-        for position, goal in picked:
-            rows.append(row)
-            positions.append(position)
-            goals.append(goal)
-            truths.append(ids[position + 1])
     if not sequences:
         raise ValueError("the records disclose nothing an edit could remove (no forget positions)")
-    as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
-    return ForgetPositions(
-        sequences, as_long(rows), as_long(positions), as_long(goals), as_long(truths)
-    )
+    row, position = torch.tensor(rows), torch.tensor(positions)
+    true_token = torch.tensor([sequences[r][p + 1] for r, p in zip(rows, positions, strict=True)])
+    return ForgetPositions(sequences, row, position, true_token, torch.tensor(either))
+
+
+def _discloses(tokenizer: PreTrainedTokenizerBase, token: int) -> bool:
+    """Whether a token carries content (not a space, punctuation or the end of the text)."""
+    return token not in tokenizer.all_special_ids and bool(tokenizer.decode([token]).strip(" .,"))
 
 
 def down_projections(model: nn.Module) -> list[str]:
@@ -177,16 +207,25 @@ def _padded(sequences: Sequence[list[int]], pad_id: int, device: torch.device): 
 
 
 @contextmanager
-def _capturing(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+def _capturing(
+    model: nn.Module, layers: Sequence[str], outputs: bool = False
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Record each layer's input (its keys) or, with `outputs`, its output, per forward pass."""
     captured: dict[str, torch.Tensor] = {}
 
-    def hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
-        def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            captured[name] = args[0].detach()
+    def hook(name: str) -> Callable[..., None]:
+        def record(
+            _module: nn.Module, args: tuple[torch.Tensor, ...], *output: torch.Tensor
+        ) -> None:
+            captured[name] = (output[0] if outputs else args[0]).detach()
 
         return record
 
-    handles = [find_module(model, n).register_forward_pre_hook(hook(n)) for n in layers]
+    modules = [find_module(model, n) for n in layers]
+    handles = [
+        m.register_forward_hook(hook(n)) if outputs else m.register_forward_pre_hook(hook(n))
+        for m, n in zip(modules, layers, strict=True)
+    ]
     try:
         yield captured
     finally:
@@ -202,13 +241,14 @@ def position_keys(
     rows: torch.Tensor,
     positions: torch.Tensor,
     layers: Sequence[str],
+    outputs: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Per layer, the down projection's inputs at (row, position): d_in x n, float32."""
+    """Per layer, the down projection's inputs (or outputs) at (row, position): d x n, float32."""
     device = next(model.parameters()).device
     ids, mask = _padded(sequences, tokenizer.pad_token_id, device)
     was_training = model.training
     model.eval()
-    with _capturing(model, layers) as captured:
+    with _capturing(model, layers, outputs) as captured:
         model(input_ids=ids, attention_mask=mask, use_cache=False)
     model.train(was_training)
     return {n: captured[n][rows.to(device), positions.to(device)].float().T for n in layers}
@@ -219,6 +259,7 @@ def last_prompt_keys(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     layers: Sequence[str],
+    outputs: bool = False,
 ) -> dict[str, torch.Tensor]:
     sequences = [
         [tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False)["input_ids"]]
@@ -226,14 +267,17 @@ def last_prompt_keys(
     ]
     rows = torch.arange(len(sequences))
     positions = torch.tensor([len(s) - 1 for s in sequences])
-    return position_keys(model, tokenizer, sequences, rows, positions, layers)
+    return position_keys(model, tokenizer, sequences, rows, positions, layers, outputs)
 
 
 def separation(forget: torch.Tensor, refusal: torch.Tensor) -> float:
-    """Distance between the mean keys of two sets, in units of their pooled spread."""
-    gap = forget.mean(1) - refusal.mean(1)
-    spread = 0.5 * (forget.var(1, unbiased=False).sum() + refusal.var(1, unbiased=False).sum())
-    return float(gap.norm() / spread.clamp_min(1e-12).sqrt())
+    """Cosine distance between the mean activations (columns) of two sets.
+
+    A direction, not a length: activation norms grow with depth, so a length
+    would rank layers by their scale rather than by what they say.
+    """
+    cosine = torch.nn.functional.cosine_similarity(forget.mean(1), refusal.mean(1), dim=0)
+    return float(1 - cosine)
 
 
 # -- retained-key statistics ----------------------------------------------------------
@@ -256,43 +300,32 @@ def _inverse_times(
     covariance: KeyCovariance, keys: torch.Tensor, config: StampConfig
 ) -> torch.Tensor:
     """`(lambda C + K K^T)^-1 K`, with C taken whole ("full") or as rank r plus a floor."""
-    c = covariance.mean.to(keys)
+    c = covariance.mean.to(keys).double()
+    k = keys.double()
     d = c.shape[0]
-    values, vectors = torch.linalg.eigh(c.double())
+    values, vectors = torch.linalg.eigh(c)
     values = values.clamp_min(0).flip(0)
     vectors = vectors.flip(1)
     floor = config.floor * float(values.mean())
     if config.variant == "full":
-        m = config.ridge * (c.double() + floor * torch.eye(d, dtype=torch.float64, device=c.device))
-        m = m + keys.double() @ keys.double().T
-        return torch.linalg.solve(m, keys.double()).to(keys)
+        m = config.ridge * (c + floor * torch.eye(d, dtype=torch.float64, device=c.device))
+        return torch.linalg.solve(m + k @ k.T, k).to(keys)
     r = min(config.rank, d - 1)
     rest = float(values[r:].mean()) + floor  # isotropic stand-in for the discarded spectrum
     sigma = config.ridge * rest
-    z = torch.cat(
-        [
-            vectors[:, :r] * (config.ridge * (values[:r] - rest).clamp_min(0)).sqrt(),
-            keys.double().T.T,
-        ],
-        dim=1,
-    )
+    z = torch.cat([vectors[:, :r] * (config.ridge * (values[:r] - rest).clamp_min(0)).sqrt(), k], 1)
     small = sigma * torch.eye(z.shape[1], dtype=torch.float64, device=c.device) + z.T @ z
-    k = keys.double()
     return ((k - z @ torch.linalg.solve(small, z.T @ k)) / sigma).to(keys)
 
 
 # -- targets ------------------------------------------------------------------------
 
 
-def _goal_losses(
-    logits: torch.Tensor, goal: torch.Tensor, truth: torch.Tensor, margin: float
-) -> torch.Tensor:
-    """Per position, how far it is from its goal (0 when met by `margin`)."""
-    wants = goal >= 0
-    token = torch.where(wants, goal, truth)
-    chosen = logits.gather(1, token[:, None]).squeeze(1)
-    others = logits.scatter(1, token[:, None], float("-inf")).amax(1)
-    return torch.where(wants, others - chosen + margin, chosen - others + margin).clamp_min(0)
+def _gaps(logits: torch.Tensor, truth: torch.Tensor, margin: float) -> torch.Tensor:
+    """Per position, how far the true token is from losing by `margin` (0 when it does)."""
+    chosen = logits.gather(1, truth[:, None]).squeeze(1)
+    others = logits.scatter(1, truth[:, None], float("-inf")).amax(1)
+    return (chosen - others + margin).clamp_min(0)
 
 
 @contextmanager
@@ -323,6 +356,19 @@ def _position_logits(
     )
 
 
+@torch.inference_mode()
+def _position_gaps(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, forget: ForgetPositions, margin: float
+) -> torch.Tensor:
+    device = next(model.parameters()).device
+    ids, mask = _padded(forget.sequences, tokenizer.pad_token_id, device)
+    was_training = model.training
+    model.eval()
+    logits = _position_logits(model, ids, mask, forget.row.to(device), forget.position.to(device))
+    model.train(was_training)
+    return _gaps(logits, forget.true_token.to(device), margin).cpu()
+
+
 def optimise_targets(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -332,72 +378,63 @@ def optimise_targets(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Output vectors to add at the forget positions so every goal holds: (d_out x n, outputs).
 
-    Returns the additions and the layer's outputs at those positions now.
+    Each step moves every position that misses its goal by the smallest change that would
+    close its gap if the logits were linear in it (`target_lr` of that step). Returns the
+    additions and the layer's outputs at those positions now.
     """
     device = next(model.parameters()).device
     module = find_module(model, layer)
     ids, mask = _padded(forget.sequences, tokenizer.pad_token_id, device)
     rows, positions = forget.row.to(device), forget.position.to(device)
-    goal, truth = forget.goal.to(device), forget.true_token.to(device)
-    outputs: dict[str, torch.Tensor] = {}
-
-    def keep(_m: nn.Module, _a: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        outputs["now"] = output.detach()[rows, positions].float()
-
+    truth = forget.true_token.to(device)
+    outputs = position_keys(
+        model, tokenizer, forget.sequences, forget.row, forget.position, [layer], outputs=True
+    )[layer].T.clone()
     was_training = model.training
     model.eval()
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
-    handle = module.register_forward_hook(keep)
-    with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
-    handle.remove()
-    d_out = outputs["now"].shape[1]
-    # Steps in units of the layer's own output scale: a fixed step size that suits one
-    # layer is far too small for another (output norms grow with depth).
-    scale = outputs["now"].pow(2).mean().sqrt()
-    z = torch.zeros(len(forget), d_out, device=device, requires_grad=True)
-    optimiser = torch.optim.Adam([z], lr=config.target_lr)
-    import os
-
-    deepfool = os.environ.get("TGT") == "df"
+    delta = torch.zeros_like(outputs, requires_grad=True)
     try:
         for _ in range(config.target_steps):
-            delta = scale * z
-            with _adding_at(module, rows, positions, delta.to(outputs["now"].dtype)):
+            with _adding_at(module, rows, positions, delta.to(outputs.dtype)):
                 logits = _position_logits(model, ids, mask, rows, positions)
-            losses = _goal_losses(logits, goal, truth, config.margin)
-            if not bool((losses > 0).any()):
+            gaps = _gaps(logits, truth, config.margin)
+            if not bool((gaps > 0).any()):
                 break
-            if deepfool:
-                (grad,) = torch.autograd.grad(losses.sum(), z)
-                with torch.no_grad():
-                    norm2 = grad.pow(2).sum(1, keepdim=True).clamp_min(1e-12)
-                    z -= config.target_lr * (losses[:, None] / norm2) * grad
-                continue
-            loss = losses.sum() + config.target_decay * z.pow(2).sum()
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
+            (grad,) = torch.autograd.grad(gaps.sum(), delta)
+            with torch.no_grad():
+                length = grad.pow(2).sum(1, keepdim=True).clamp_min(1e-12)
+                delta -= config.target_lr * (gaps.detach()[:, None] / length) * grad
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(was_training)
-    return (scale * z).detach().T, outputs["now"].T
+    return delta.detach().T, outputs.T
 
 
-@torch.inference_mode()
 def goals_met(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, forget: ForgetPositions, margin: float
 ) -> torch.Tensor:
-    device = next(model.parameters()).device
-    ids, mask = _padded(forget.sequences, tokenizer.pad_token_id, device)
-    was_training = model.training
-    model.eval()
-    logits = _position_logits(model, ids, mask, forget.row.to(device), forget.position.to(device))
-    model.train(was_training)
-    return _goal_losses(logits, forget.goal.to(device), forget.true_token.to(device), margin) == 0
+    """Per position, whether its goal holds; an `either` position holds when its row's does."""
+    met = _position_gaps(model, tokenizer, forget, margin) == 0
+    rows_met = torch.zeros(len(forget.sequences), dtype=torch.bool)
+    rows_met.index_fill_(0, forget.row[met & forget.either], True)
+    return torch.where(forget.either, rows_met[forget.row], met)
+
+
+def cheapest_positions(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, forget: ForgetPositions, margin: float
+) -> ForgetPositions:
+    """Keep every position that must lose on its own, and of each `either` row only the
+    position whose true token is closest to losing now (the smallest edit that removes it)."""
+    gaps = _position_gaps(model, tokenizer, forget, margin)
+    keep = ~forget.either
+    for row in forget.row[forget.either].unique():
+        candidates = torch.nonzero(forget.either & (forget.row == row)).flatten()
+        keep[candidates[gaps[candidates].argmin()]] = True
+    return forget.subset(keep)
 
 
 # -- the edit -----------------------------------------------------------------------
@@ -409,13 +446,19 @@ def choose_layer(
     forget: ForgetPositions,
     refusal_prompts: Sequence[str],
 ) -> tuple[str, dict[str, float]]:
-    """The down projection whose forget keys stand farthest from its refusal keys."""
+    """The upper-half down projection whose outputs at the decision positions (the last
+    prompt token of each forget question, else the forget positions) stand farthest from its
+    outputs on refusal prompts."""
     layers = down_projections(model)
-    forget_keys = position_keys(
-        model, tokenizer, forget.sequences, forget.row, forget.position, layers
+    layers = layers[len(layers) // 2 :]
+    first = torch.ones(len(forget), dtype=torch.bool)
+    first[1:] = forget.row[1:] != forget.row[:-1]
+    decisions = forget.subset(first & forget.either) if bool(forget.either.any()) else forget
+    forget_out = position_keys(
+        model, tokenizer, forget.sequences, decisions.row, decisions.position, layers, True
     )
-    refusal_keys = last_prompt_keys(model, tokenizer, refusal_prompts, layers)
-    scores = {n: separation(forget_keys[n], refusal_keys[n]) for n in layers}
+    refusal_out = last_prompt_keys(model, tokenizer, refusal_prompts, layers, outputs=True)
+    scores = {n: separation(forget_out[n], refusal_out[n]) for n in layers}
     return max(scores, key=scores.__getitem__), scores
 
 
@@ -436,16 +479,19 @@ def stamp_edit(
     covariance (from replay or the sketch, per the variant).
     """
     started = time.perf_counter()
-    forget = forget_positions(tokenizer, records)
+    candidates = forget_positions(tokenizer, records)
     if config.layer is not None:
         layer, scores = config.layer, {}
     else:
-        layer, scores = choose_layer(model, tokenizer, forget, refusal_prompts)
+        layer, scores = choose_layer(model, tokenizer, candidates, refusal_prompts)
+    forget = cheapest_positions(model, tokenizer, candidates, config.margin)
     keys = position_keys(model, tokenizer, forget.sequences, forget.row, forget.position, [layer])[
         layer
     ]
     covariance = retained(layer)
-    solve_seconds = 0.0
+    tic = time.perf_counter()
+    v = _inverse_times(covariance, keys, config)
+    solve_seconds = time.perf_counter() - tic
     before = list(attached.edits)
     edit: LayerEdit | None = None
     rounds = 0
@@ -453,26 +499,8 @@ def stamp_edit(
         while rounds < config.rounds:
             rounds += 1
             delta, outputs = optimise_targets(model, tokenizer, forget, layer, config)
-            tic = time.perf_counter()
-            v = _inverse_times(covariance, keys, config)
-            u = delta
-            import os
-            if os.environ.get("EXACT"):
-                gram = (v.T @ keys).double()
-                u = torch.linalg.lstsq(gram.T, delta.double().T).solution.T.to(delta)
-            solve_seconds += time.perf_counter() - tic
-            targets = outputs + delta
-            if edit is None:
-                edit = LayerEdit(edit_id, layer, u, v, keys, targets)
-            else:
-                edit = LayerEdit(
-                    edit_id,
-                    layer,
-                    torch.cat([edit.u, u], 1),
-                    torch.cat([edit.v, v], 1),
-                    keys,
-                    targets,
-                )
+            u = delta if edit is None else edit.u + delta
+            edit = LayerEdit(edit_id, layer, u, v, keys, outputs + delta)
             attached.replace([*before, edit])
             met = goals_met(model, tokenizer, forget, config.margin)
             if bool(met.all()):
