@@ -125,6 +125,8 @@ class GridFleet:
         # and tells each ClientApp which workload to train.
         self.to_grid = node_ids
         self.workload = workload or {}
+        self.sent_at: dict[str, float] = {}  # message id -> when the work went out
+        self.forgotten_at: dict[int, float] = {}  # node -> when it last forgot a subject
 
     def node_ids(self) -> set[int]:
         return set(self.grid.get_node_ids())
@@ -138,7 +140,13 @@ class GridFleet:
         message = Message(request.to_content(), destination, TRAIN, ttl=self.ttl_s)
         [message_id] = list(self.grid.push_messages([message]))
         self.waiting[message_id] = work.node
+        self.sent_at[message_id] = time.monotonic()
         return message_id
+
+    def forgot(self, node: int) -> None:
+        """`node` has just forgotten a subject: work it was sent before now may have trained
+        on the subject's records, so its answers are refused (the node gets new work)."""
+        self.forgotten_at[node] = time.monotonic()
 
     def poll(self) -> list[tuple[int, TrainReply | None]]:
         self._pull()
@@ -160,7 +168,14 @@ class GridFleet:
                 self.arrived[reply.metadata.reply_to_message_id] = self._parse(reply)
 
     def _parse(self, reply: Message) -> tuple[int, TrainReply | None]:
-        node = self.waiting.pop(reply.metadata.reply_to_message_id)
+        message_id = reply.metadata.reply_to_message_id
+        node = self.waiting.pop(message_id)
+        sent_at = self.sent_at.pop(message_id, 0.0)
+        if sent_at < self.forgotten_at.get(node, -1.0):
+            log.warning(
+                "node %d: update refused, it may hold a subject it has since forgotten", node
+            )
+            return node, None
         if reply.has_error():
             log.warning("node %d replied with an error: %s", node, reply.error.reason)
             return node, None
@@ -292,12 +307,16 @@ def run_deployment(grid: Grid, settings: ServerSettings, config: RunConfig) -> N
             store.record_metric(version, name, value)
         log.info("version %d: %s", version, metrics)
 
+    fleet = GridFleet(
+        grid, settings.ttl_s, state=store, ledger=lambda: shared.device_model.shared_edits.edits
+    )
     propagator = Propagator(
         deletions,
         store,
         GridQueries(grid, settings.ttl_s),
         shared,
         ensure_signing_key(api.signing_key),
+        forgot=fleet.forgot,
     )
 
     last_step = [0.0]
@@ -318,12 +337,7 @@ def run_deployment(grid: Grid, settings: ServerSettings, config: RunConfig) -> N
     try:
         run_wall_clock(
             core,
-            GridFleet(
-                grid,
-                settings.ttl_s,
-                state=store,
-                ledger=lambda: shared.device_model.shared_edits.edits,
-            ),
+            fleet,
             wall,
             resumed=saved is not None,
             on_version=aggregated,

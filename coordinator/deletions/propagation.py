@@ -17,7 +17,10 @@ APPLIED_GLOBALLY    verify: each edit of the request still meets its targets
                     exact match 0 on the subject's records in its own model,
                     the shared model and its ONNX export; sign the receipt
                     -> VERIFIED
-A device's error answer or a malformed one makes the request FAILED with
+Work a holder was sent before it answered may have trained on the subject's
+records: its updates are refused (`forgot`), so a late update cannot put the
+subject back into the shared model. A device's error answer or a malformed
+one makes the request FAILED with
 the reason; it is retried from RECEIVED (holders that answered already are
 not asked again) until the store's attempts run out.
 
@@ -81,6 +84,9 @@ class SharedWeights(Protocol):
     def residuals(self, edits: Sequence[LayerEdit]) -> dict[str, float]:
         """Per edit id, how far the edit is from its targets on the current weights."""
 
+    def settle_ledger(self) -> list[LayerEdit]:
+        """Re-solve the ledger's edits the current weights moved; returns those."""
+
 
 @dataclass
 class Propagator:
@@ -90,6 +96,8 @@ class Propagator:
     shared: SharedWeights
     signing_key: Ed25519PrivateKey
     clock: Callable[[], float] = time.time
+    # Told when a device has forgotten a subject: its updates from before must not count.
+    forgot: Callable[[int], None] = lambda _node: None
 
     def __post_init__(self) -> None:
         self._asked: dict[str, tuple[str, int]] = {}  # handle -> (request id, node)
@@ -223,6 +231,7 @@ class Propagator:
         """What a device's answer adds to its target; its edit joins the ledger."""
         if not result.held:
             return {"state": "absent"}
+        self.forgot(node)
         if not result.shared_edit:  # the selectors picked none of its records
             return {"state": "done", "edit_id": None, "measurements": {}, "versions": {}}
         edits = edits_from_arrays(result.shared_edit)
@@ -243,6 +252,10 @@ class Propagator:
         targets = request.details.get("targets", {})
         done = {n: t for n, t in targets.items() if t["state"] == "done"}
         ids = {t["edit_id"] for t in done.values() if t["edit_id"] is not None}
+        # An edit was solved on the shared model the device held, which may be some versions
+        # old: bring the ledger onto the current weights first.
+        for edit in self.shared.settle_ledger():
+            self.state.revise_edit(edit)
         edits = [e for e in self.state.ledger() if e.edit_id in ids]
         residuals = self.shared.residuals(edits)
         problems = [
