@@ -23,7 +23,7 @@ import torch
 
 from client.adapters import DEFAULT_ADAPTER_CONFIG, SHARED, AdapterConfig, DeviceModel, is_lora_b
 from client.unlearning.device import settle, weight_under
-from client.unlearning.edits import LayerEdit, residual
+from client.unlearning.edits import LayerEdit, effective_weight, find_module, residual
 from edge_models.corpus import build_corpus
 from edge_models.evaluation import next_token_accuracy
 from edge_models.loading import load_causal_lm
@@ -94,7 +94,8 @@ class SharedModel:
                 raise ValueError(f"edit {edit.edit_id}: {error}") from error
             if (edit.u.shape[0], edit.v.shape[0]) != tuple(weight.shape):
                 raise ValueError(f"edit {edit.edit_id} does not fit {edit.layer}")
-            out[edit.edit_id] = residual(edit, weight)
+            base = effective_weight(find_module(self.device_model.model, edit.layer))
+            out[edit.edit_id] = residual(edit, weight, base)
         return out
 
     def initial_b(self) -> dict[str, np.ndarray]:

@@ -195,12 +195,14 @@ def settle(
 ) -> tuple[list[LayerEdit], int]:
     """Re-solve every edit in `edits` whose residual drifted past `RELAPSE_TOLERANCE` after
     the weights under it moved (training, a new shared adapter); `others` are further edits
-    attached to the same model. Returns the edits and how many were re-solved."""
-    out, changed = [], 0
-    for edit in edits:
-        weight = weight_under(model, edit, [*edits, *others])
-        if residual(edit, weight) > RELAPSE_TOLERANCE:
-            edit = corrected(edit, weight)
+    attached to the same model. Edits are settled one after the other, each against the
+    others as they are by then, so two edits of one layer share the work instead of
+    undoing each other. Returns the edits and how many were re-solved."""
+    out, changed = list(edits), 0
+    for index, edit in enumerate(out):
+        weight = weight_under(model, edit, [*out, *others])
+        base = effective_weight(find_module(model, edit.layer)).to(edit.u)
+        if residual(edit, weight, base) > RELAPSE_TOLERANCE:
+            out[index] = corrected(edit, weight)
             changed += 1
-        out.append(edit)
     return out, changed

@@ -100,13 +100,19 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
     return weight
 
 
-def residual(edit: LayerEdit, weight: torch.Tensor) -> float:
+def residual(edit: LayerEdit, weight: torch.Tensor, base: torch.Tensor | None = None) -> float:
     """How far `weight + edit` is from producing the edit's targets at its keys, relative to
-    how far the edit had to move them (0: exactly on target; 1: as if there were no edit)."""
+    how far the layer's own weight `base` (no edit at all; `weight` when omitted) is from
+    them: 0 on target, 1 as if there were no edit. `weight` may hold other edits of the layer.
+    """
     w = weight.to(edit.u)
+    b = w if base is None else base.to(edit.u)
     moved = (w + edit.delta) @ edit.keys - edit.targets
-    needed = edit.delta @ edit.keys
-    return float(moved.norm() / needed.norm().clamp_min(1e-12))
+    needed = edit.targets - b @ edit.keys
+    # An edit that had (almost) nothing to move is measured against a sliver of its outputs,
+    # so that rounding noise over a push of ~0 does not read as a failed edit.
+    scale = torch.maximum(needed.norm(), 1e-3 * edit.targets.norm()).clamp_min(1e-12)
+    return float(moved.norm() / scale)
 
 
 def corrected(edit: LayerEdit, weight: torch.Tensor) -> LayerEdit:
