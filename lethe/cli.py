@@ -310,6 +310,20 @@ def bench_continual(
     console.print_json(json.dumps(results))
 
 
+@bench_app.command("unlearning")
+def bench_unlearning(
+    json_path: Annotated[Path, typer.Option("--json", help="Where to write the results.")],
+    device: DeviceOption = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of corpus, model and training.")] = 0,
+) -> None:
+    """Forgetting 1%, 5% and 10% of a device's people: STAMP (full, low rank), gradient
+    ascent, NPO and retraining, with relapse after five federated groups."""
+    from lethe.bench.unlearning import run_unlearning_bench
+
+    results = run_unlearning_bench(json_path, device=device, seed=seed, log=err_console.print)
+    console.print_json(json.dumps(results))
+
+
 @bench_app.command("scheduling")
 def bench_scheduling(
     json_path: Annotated[Path, typer.Option("--json", help="Where to write the results.")],

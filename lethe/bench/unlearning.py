@@ -1,0 +1,487 @@
+"""`lethe bench unlearning`: forgetting 1%, 5% and 10% of a device's people, five ways.
+
+RESULTS_PLACEHOLDER
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from client.adapters import PERSONAL, SHARED, AdapterConfig, DeviceModel, is_lora_b
+from client.continual import InputCovariance, lora_factors
+from client.lora_training import LoraTrainConfig, train_adapter_steps
+from client.train_step import train_shared
+from client.unlearning.baselines import UnlearnTrainConfig, gradient_ascent, npo
+from client.unlearning.device import refusal_prompts, settle, sketch_name
+from client.unlearning.measures import ForgetMeasures, measure_forgetting
+from client.unlearning.stamp import (
+    KeyCovariance,
+    StampConfig,
+    Variant,
+    replayed_covariance,
+    stamp_edit,
+)
+from coordinator.aggregation import apply_updates
+from edge_models.corpus import Subject, build_corpus, device_stream, partition
+from edge_models.evaluation import exact_match
+from edge_models.loading import load_causal_lm
+from edge_models.training_data import examples_from_records
+from lethe.bench.continual import BenchSettings as ContinualSettings
+from lethe.bench.continual import _default_model
+from lethe.bench.report import machine_facts, write_report
+from shared.records import Record, record_from_json
+
+METHODS = ("stamp_full", "stamp_low_rank", "gradient_ascent", "npo", "retrain")
+STAMP_VARIANTS: dict[str, Variant] = {"stamp_full": "full", "stamp_low_rank": "low_rank"}
+HEADLINE = (
+    "seconds",
+    "forget_exact_match",
+    "forget_prob_ratio",
+    "paraphrase_forget_rate",
+    "canary_exposure",
+    "retain_exact_match_drop",
+    "relapse_exact_match",
+)
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """The device, how it learned, and how hard the baselines and the relapse push.
+
+    `train_phases` are (steps, learning rate) calls of the project's training
+    loop, run in order (each starts a fresh AdamW): a constant rate, then a
+    lower one, since exact recall appears as the rate falls. `canary_copies`:
+    how many times the device holds each canary note (a note a user kept in
+    several places); a note seen once is never reproduced, and forgetting a
+    secret the model does not hold measures nothing.
+    """
+
+    fleet: int = 4  # the private subjects split as for this many devices
+    device_index: int = 0  # whose records the device holds; the others are its peers
+    splits: tuple[float, ...] = (0.01, 0.05, 0.10)
+    canary_copies: int = 8
+    personal_rank: int = 40
+    train_phases: tuple[tuple[int, float], ...] = ((300, 2e-3), (150, 5e-4))
+    batch_size: int = 32
+    baseline_lr: float = 1e-3
+    baseline_batch_size: int = 8
+    baseline_max_steps: int = 200
+    baseline_check_every: int = 5
+    relapse_groups: int = 5
+    group_shared_steps: int = 10  # per peer and group: the federated round's local steps
+    group_local_steps: int = 10  # personal training per group on the retained records
+    local_lr: float = 2e-3  # the continual learner's rate
+    shared_lr: float = 2e-3
+    shared_batch_size: int = 16  # the daemon's federated train step
+    threads: int = 1
+    build_steps: int = 1200  # the default model, shared with `lethe bench continual`'s cache
+
+
+@dataclass(frozen=True)
+class _Device:
+    """The device's world: its model directory, people, records and what it has learned."""
+
+    model_dir: Path
+    device: str
+    records: list[Record]
+    subjects: dict[str, Subject]  # what the device holds of each person (see `_held`)
+    peers: list[list[Record]]
+    settings: BenchSettings
+    seed: int
+
+    def fresh(self, personal: dict[str, torch.Tensor] | None = None) -> DeviceModel:
+        """A new device model from the default model, with `personal` as its personal adapter."""
+        loaded = load_causal_lm(self.model_dir, device=self.device)
+        config = AdapterConfig(
+            targets=loaded.lora_targets, personal_rank=self.settings.personal_rank
+        )
+        model = DeviceModel(loaded.model, loaded.tokenizer, config, device=self.device)
+        if personal is not None:
+            model.load_adapter_state(PERSONAL, personal)
+        return model
+
+    def train(self, model: DeviceModel, records: Sequence[Record]) -> float:
+        """The device's training recipe on `records`; returns the training seconds."""
+        examples = examples_from_records(records)
+        seconds = 0.0
+        for phase, (steps, lr) in enumerate(self.settings.train_phases):
+            stats = train_adapter_steps(
+                model.model,
+                PERSONAL,
+                examples,
+                steps,
+                LoraTrainConfig(lr=lr, batch_size=self.settings.batch_size),
+                seed=self.seed * 100 + phase,
+                tokenizer=model.tokenizer,
+            )
+            seconds += stats.seconds
+        return seconds
+
+
+def run_unlearning_bench(
+    json_path: Path,
+    device: str = "auto",
+    seed: int = 0,
+    settings: BenchSettings = BenchSettings(),
+    log: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """Train the device, then forget each split every way and measure; write and return the JSON."""
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    with _threads(settings.threads):
+        model_dir, build_s = _default_model(
+            seed, ContinualSettings(build_steps=settings.build_steps), device, log
+        )
+        world = _world(model_dir, device, settings, seed)
+        log(f"training the device on {len(world.records)} records")
+        trained = world.fresh()
+        train_s = world.train(trained, world.records)
+        sketch = InputCovariance(lora_factors(trained.model, PERSONAL))
+        sketch.observe(trained.model, trained.tokenizer, examples_from_records(world.records))
+        personal = trained.adapter_state(PERSONAL)
+        log("the peers' federated groups")
+        groups = _shared_groups(world)
+        order = _forget_order(world, seed)
+        splits: dict[str, Any] = {}
+        for fraction in settings.splits:
+            count = max(1, round(fraction * len(world.subjects)))
+            log(f"split {fraction:.0%}: forgetting {count} people")
+            splits[f"{round(100 * fraction):g}"] = _split(
+                world, trained, personal, sketch, groups, order[:count], log
+            )
+    report = {
+        "splits": splits,
+        "methods": list(METHODS),
+        "personal_device": {
+            "people": len(world.subjects),
+            "records": len(world.records),
+            "trained_pairs": sum(r.kind == "pair" for r in world.records),
+            "canaries": sum(s.canary is not None for s in world.subjects.values()),
+            "train_seconds": round(train_s, 1),
+        },
+        "settings": asdict(settings),
+        "stamp": asdict(StampConfig()),
+        "seed": seed,
+        "model_build_s": build_s,
+        "bench_s": round(time.perf_counter() - started, 1),
+        "torch_threads": settings.threads,
+        **machine_facts(device, load_before),
+    }
+    return write_report(json_path, _plain(report))
+
+
+@contextmanager
+def _threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _world(model_dir: Path, device: str, settings: BenchSettings, seed: int) -> _Device:
+    """The device's records (each canary note `canary_copies` times) and its peers' records."""
+    corpus = build_corpus(seed)
+    parts = partition(corpus, settings.fleet, seed=seed)
+    streams = [[record_from_json(r) for r in device_stream(corpus, p, seed)] for p in parts]
+    canaries = {s.canary.message for s in corpus.subjects if s.canary is not None}
+    records = list(streams[settings.device_index])
+    records += [r for r in records if r.text in canaries] * (settings.canary_copies - 1)
+    prompts = {r.prompt for r in records if r.kind == "pair"}
+    held = {
+        sid: _held(corpus.subject(sid), prompts) for sid in parts[settings.device_index].subject_ids
+    }
+    peers = [s for i, s in enumerate(streams) if i != settings.device_index]
+    return _Device(model_dir, device, records, held, peers, settings, seed)
+
+
+def _held(subject: Subject, prompts: set[str]) -> Subject:
+    """The subject as the device knows them: only facts, and phrasings, it was trained on.
+
+    The stream keeps a share of each domain (`device_stream`), so a fact the
+    device never saw is neither forgotten nor retained by it.
+    """
+    facts = tuple(
+        dataclasses.replace(fact, prompts=tuple(p for p in fact.prompts if p in prompts))
+        for fact in subject.facts
+        if set(fact.prompts) & prompts
+    )
+    return dataclasses.replace(subject, facts=facts)
+
+
+def _forget_order(world: _Device, seed: int) -> list[str]:
+    """Who is forgotten first: a canary holder (when the device has one), then the others at
+    random; the splits nest."""
+    rng = random.Random(seed)
+    holders = sorted(s for s, subject in world.subjects.items() if subject.canary is not None)
+    first = [rng.choice(holders)] if holders else []
+    others = sorted(s for s in world.subjects if s not in first)
+    rng.shuffle(others)
+    return [*first, *others]
+
+
+def _shared_groups(world: _Device) -> list[dict[str, torch.Tensor]]:
+    """The global shared adapter (its B factors) after each federated group of the peers.
+
+    Each peer trains the shared adapter from the global one on its own records
+    (`client.train_step.train_shared`) and the coordinator adds up the
+    deltas weighted by samples (`coordinator.aggregation.apply_updates`). The
+    forgetting device does not take part, so one trajectory serves every
+    method: what reaches the device is the new global adapter, as it would.
+    """
+    settings = world.settings
+    peer = world.fresh()
+    b = {k: v for k, v in peer.adapter_state(SHARED).items() if is_lora_b(k)}
+    config = LoraTrainConfig(lr=settings.shared_lr, batch_size=settings.shared_batch_size)
+    out = []
+    for group in range(settings.relapse_groups):
+        updates = [
+            train_shared(
+                peer,
+                b,
+                examples_from_records(records),
+                settings.group_shared_steps,
+                config,
+                seed=world.seed * 1000 + group * 10 + i,
+            )
+            for i, records in enumerate(world.peers)
+        ]
+        total = sum(u.samples for u in updates)
+        merged = apply_updates(
+            {k: v.numpy() for k, v in b.items()}, [(u.samples / total, u.delta) for u in updates]
+        )
+        b = {k: torch.from_numpy(v) for k, v in merged.items()}
+        out.append(b)
+    return out
+
+
+def _split(
+    world: _Device,
+    trained: DeviceModel,
+    personal: dict[str, torch.Tensor],
+    sketch: InputCovariance,
+    groups: list[dict[str, torch.Tensor]],
+    forget_ids: list[str],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Every method on one forget set, measured after it and after the relapse groups."""
+    forget_set = set(forget_ids)
+    forget_records = [r for r in world.records if r.subject_id in forget_set]
+    retained_records = [r for r in world.records if r.subject_id not in forget_set]
+    forget = [world.subjects[s] for s in forget_ids]
+    retain = [s for sid, s in world.subjects.items() if sid not in forget_set]
+    before = measure_forgetting(trained.model, trained.tokenizer, forget, retain)
+
+    def measure(model: DeviceModel, reference: ForgetMeasures | None) -> ForgetMeasures:
+        probs = None if reference is None else reference.probe_probs
+        return measure_forgetting(
+            model.model,
+            model.tokenizer,
+            forget,
+            retain,
+            reference_probe_probs=probs,
+            before=before,
+        )
+
+    cells: dict[str, Any] = {}
+    reference: ForgetMeasures | None = None
+    for method in ("retrain", *(m for m in METHODS if m != "retrain")):
+        log(f"  {method}")
+        if method == "retrain":
+            model = world.fresh()
+            seconds = world.train(model, retained_records)
+            extra: dict[str, Any] = {}
+        else:
+            model = world.fresh(personal)
+            seconds, extra = _unlearn(
+                method, model, world, forget_records, retained_records, forget, sketch
+            )
+        after = measure(model, reference)
+        reference = reference or after
+        _relapse(model, world, groups, retained_records)
+        relapsed = measure(model, reference)
+        cells[method] = _cell(seconds, before, after, relapsed, reference, extra)
+    return {
+        "forget_subjects": forget_ids,
+        "forget_pairs": len(after.forget_correct),
+        "probes_known_before": int(sum(before.probe_correct)),
+        "probes": len(before.probe_correct),
+        "before": before.to_dict(),
+        **{m: cells[m] for m in METHODS},
+    }
+
+
+def _unlearn(
+    method: str,
+    model: DeviceModel,
+    world: _Device,
+    forget_records: list[Record],
+    retained_records: list[Record],
+    forget: list[Subject],
+    sketch: InputCovariance,
+) -> tuple[float, dict[str, Any]]:
+    """Make `model` forget `forget_records` by `method`; (seconds, what the method reports)."""
+    if method in STAMP_VARIANTS:
+        return _stamp(model, world, forget_records, retained_records, sketch, method)
+    settings = world.settings
+    config = UnlearnTrainConfig(
+        train=LoraTrainConfig(lr=settings.baseline_lr, batch_size=settings.baseline_batch_size),
+        max_steps=settings.baseline_max_steps,
+        check_every=settings.baseline_check_every,
+        seed=world.seed,
+    )
+    facts = [(p, f.answer) for s in forget for f in s.facts for p in f.prompts]
+    facts += [(s.canary.prefix, s.canary.secret) for s in forget if s.canary is not None]
+
+    def forgotten(_steps: int) -> bool:
+        prompts, answers = zip(*facts, strict=True)
+        return exact_match(model.model, model.tokenizer, prompts, answers) == 0
+
+    run = gradient_ascent if method == "gradient_ascent" else npo
+    started = time.perf_counter()
+    report = run(model, examples_from_records(forget_records), config, forgotten)
+    extra = {
+        "steps": report.steps,
+        "stopped_early": report.stopped_early,
+        "seconds_with_checks": time.perf_counter() - started,
+    }
+    return report.seconds, extra
+
+
+def _stamp(
+    model: DeviceModel,
+    world: _Device,
+    forget_records: list[Record],
+    retained_records: list[Record],
+    sketch: InputCovariance,
+    method: str,
+) -> tuple[float, dict[str, Any]]:
+    """The device edit, attached as the daemon attaches it; timed from the request on.
+
+    "full" replays the retained records for C; "low_rank" takes the learner's
+    sketch minus the forget subjects' keys, as `client.unlearning.device` does
+    (the shared adapter never saw these people, so no shared edit is needed).
+    """
+    started = time.perf_counter()
+    variant = STAMP_VARIANTS[method]
+    tokenizer = model.tokenizer
+
+    def replayed(layer: str) -> KeyCovariance:
+        return replayed_covariance(
+            model.model, tokenizer, examples_from_records(retained_records), layer
+        )
+
+    def downdated(layer: str) -> KeyCovariance:
+        name = sketch_name(sketch.sums, layer)
+        factors = [f for f in lora_factors(model.model, PERSONAL) if f.name == name]
+        subject = InputCovariance(factors)
+        subject.observe(model.model, tokenizer, examples_from_records(forget_records))
+        return KeyCovariance.from_sums(
+            sketch.sums[name] - subject.sums[name], sketch.tokens - subject.tokens
+        )
+
+    edit, report = stamp_edit(
+        model.model,
+        model.device_edits,
+        tokenizer,
+        forget_records,
+        replayed if variant == "full" else downdated,
+        refusal_prompts(world.seed),
+        f"bench:{method}",
+        StampConfig(variant=variant),
+    )
+    model.device_edits.replace([edit])
+    extra = {
+        "layer": report.layer,
+        "separation": report.separation,
+        "keys": report.keys,
+        "rounds": report.rounds,
+        "goals_met": report.goals_met,
+        "solve_seconds": report.solve_seconds,
+    }
+    return time.perf_counter() - started, extra
+
+
+def _relapse(
+    model: DeviceModel,
+    world: _Device,
+    groups: list[dict[str, torch.Tensor]],
+    retained_records: list[Record],
+) -> None:
+    """Each group: the new global shared adapter arrives, the personal adapter trains on the
+    retained records, and the device re-solves its edits whose targets drifted (`settle`)."""
+    settings = world.settings
+    fixed_a = {k: v for k, v in model.adapter_state(SHARED).items() if not is_lora_b(k)}
+    examples = examples_from_records(retained_records)
+    config = LoraTrainConfig(lr=settings.local_lr, batch_size=settings.batch_size)
+    for group, global_b in enumerate(groups):
+        model.load_adapter_state(SHARED, {**fixed_a, **global_b})
+        train_adapter_steps(
+            model.model,
+            PERSONAL,
+            examples,
+            settings.group_local_steps,
+            config,
+            seed=world.seed * 1000 + 500 + group,
+            tokenizer=model.tokenizer,
+        )
+        if model.device_edits.edits:
+            edits, _changed = settle(
+                model.model, model.device_edits.edits, model.shared_edits.edits
+            )
+            model.device_edits.replace(edits)
+
+
+def _cell(
+    seconds: float,
+    before: ForgetMeasures,
+    after: ForgetMeasures,
+    relapsed: ForgetMeasures,
+    reference: ForgetMeasures,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """The issue's headline figures of one method on one split, then everything measured."""
+
+    def derived(measures: ForgetMeasures) -> dict[str, float]:
+        return {
+            "forget_prob_ratio": measures.forget_probability / reference.forget_probability,
+            "retain_exact_match_drop": 100
+            * (before.retain_exact_match - measures.retain_exact_match),
+        }
+
+    now = {**after.to_dict(), **derived(after)}
+    return {
+        "seconds": seconds,
+        "forget_exact_match": now["forget_exact_match"],
+        "forget_prob_ratio": now["forget_prob_ratio"],
+        "paraphrase_forget_rate": now["paraphrase_forget_rate"],
+        "canary_exposure": now["canary_exposure"],
+        "retain_exact_match_drop": now["retain_exact_match_drop"],
+        "relapse_exact_match": relapsed.forget_exact_match,
+        "after": now,
+        "relapse": {**relapsed.to_dict(), **derived(relapsed)},
+        **extra,
+    }
+
+
+def _plain(value: Any) -> Any:  # noqa: ANN401 (any JSON value)
+    """Floats rounded and NaN as null (no JSON has NaN), through dicts and lists."""
+    if isinstance(value, float):
+        return None if math.isnan(value) else round(value, 4)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
