@@ -2,7 +2,9 @@
 
 The published method (RePAIR's STAMP) does not give its update rule; this is
 the derivation the project uses (see ALGORITHMS.md, section 3), with the
-choices `lethe bench unlearning` measured (its docstring has the figures):
+choices `lethe bench unlearning` measured on its device (30 people, the
+default model; mean / worst retained exact-match drop over 9 forget sets of
+1 to 3 people, each with a canary holder; the bench's docstring has more):
 
 1. Forget positions: where a record discloses its subject, and the token that
    must stop winning there. For a prompt/completion record, every answer
@@ -10,15 +12,21 @@ choices `lethe bench unlearning` measured (its docstring has the figures):
    the edit later keeps ONE: the position whose true token is cheapest to
    beat in the model now. Greedy decoding follows the true answer up to that
    token and then leaves it, so the answer is gone; and a late answer token
-   is person-specific, where the first one often is not (every birth year
+   is person-specific where the first one often is not (every birth year
    starts with "1" or "2"), so moving it leaves other people alone. Asking
-   instead for the refusal's first token at the last prompt token (the
-   original design) cost 4.5 retained points on average and up to 14, since
-   it moved every person asked in the same template; this costs under 1. For
-   a free-text record, every position whose next token has a digit (PINs,
-   phone numbers: each digit, or the digits after a changed one still follow)
-   or is one of the subject's answers. The true token must fall `margin`
-   logits below the best other token.
+   for the refusal's first token at the last prompt token instead (the
+   original design) cost 4.5 / 14.4 points, since it moved everyone asked in
+   the same template; suppressing every answer position cost 9.3 / 14.3. For
+   a free-text record, every position whose next token has a digit or is one
+   of the subject's answers. The true token must fall `margin` logits below
+   the best other token (margin 0.5: 0.6 / 1.6 points; 1.0: 1.1 / 2.1; the
+   goal is greedy decoding, which any positive margin changes). At a digit
+   of a secret (five or more digits: a PIN, a phone number) that is not
+   enough: the secret stays the second choice at every digit and so ranks
+   near the top of all strings of its format (exposure 16 of 19.9 bits).
+   There the true digit must come down to the mean of the other digits plus
+   `secret_slack` (exposure 4.7 bits; with no slack 2.4 bits but 1.2 / 2.6
+   points, since the push reaches the digits of retained birth years).
 2. The layer. Among the down projections of the upper half of the blocks,
    the one whose outputs (its activations) at the decision positions, the
    last prompt tokens, point farthest from its outputs on refusal prompts
@@ -35,9 +43,11 @@ choices `lethe bench unlearning` measured (its docstring has the figures):
 4. The edit. `dW = R K^T (lambda C + K K^T)^-1` for the forget keys `K`, the
    residuals `R` the targets ask for, and `C` the covariance of retained
    keys: the ridge form that trades exactness on the forget keys against
-   moving retained keys. "full" builds `C` from retained records replayed
-   now; "low_rank" uses the top-`rank` eigenpairs of the key sketch the device
-   keeps while it trains (plus an isotropic floor of the rest), by Woodbury
+   moving retained keys (lambda 0.2 to 200 moved the mean retained drop by
+   under 0.15 points once the targets asked for little). "full" builds `C`
+   from retained records replayed now; "low_rank" uses the top-`rank`
+   eigenpairs of the key sketch the device keeps while it trains (plus an
+   isotropic floor of the rest), by Woodbury
    in O((r+n)^2 d): no retained record is read. The edit is returned as the
    factors `u = R`, `v = (lambda C + K K^T)^-1 K`. Rounds repeat on top of the
    edit so far until every goal holds or `rounds` run out; they share `v`
@@ -53,6 +63,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from typing import Literal
 
 import torch
@@ -66,6 +77,10 @@ from shared.records import Record
 
 Variant = Literal["full", "low_rank"]
 _DIGIT = re.compile(r"\d")
+SECRET_SLACK = 1.0
+# A secret: five or more digits, perhaps grouped by single dashes or spaces (a PIN, a card or
+# phone number); a year or a time of day is not one.
+_SECRET = re.compile(r"\d(?:[- ]?\d){4,}")
 
 
 @dataclass(frozen=True)
@@ -78,9 +93,10 @@ class StampConfig:
     floor: float = 1e-3  # isotropic floor added to C, as a fraction of its mean eigenvalue
     layer: str | None = None  # None: the most separating down projection
     margin: float = 0.5  # logits by which the true token must lose
+    secret_slack: float = SECRET_SLACK  # logits a secret's digit may stay above its rivals' mean
     target_steps: int = 100
     target_lr: float = 1.0  # fraction of each linearised step taken
-    rounds: int = 3
+    rounds: int = 6
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.rounds < 1 or self.target_steps < 1:
@@ -96,6 +112,9 @@ class ForgetPositions:
     At each position the token `true_token` must lose. Where `either` is
     True (the answer positions of a prompt/completion record), one position
     of the row losing is enough: greedy decoding leaves the answer there.
+    Where `secret` is True (a digit of a secret), it must come down to the
+    mean of the other digits (plus a slack), not just below the best one
+    (see `_gaps`).
     """
 
     sequences: list[list[int]]
@@ -103,6 +122,7 @@ class ForgetPositions:
     position: torch.Tensor
     true_token: torch.Tensor
     either: torch.Tensor
+    secret: torch.Tensor
 
     def __len__(self) -> int:
         return int(self.row.numel())
@@ -114,6 +134,7 @@ class ForgetPositions:
             self.position[keep],
             self.true_token[keep],
             self.either[keep],
+            self.secret[keep],
         )
 
 
@@ -146,7 +167,7 @@ def forget_positions(
     }
     answers = {t for t in answers if _discloses(tokenizer, t)}
     sequences: list[list[int]] = []
-    rows, positions, either = [], [], []
+    rows, positions, either, secret = [], [], [], []
     seen: set[tuple[int, ...]] = set()
     for record in records:
         if record.kind == "pair":
@@ -156,6 +177,7 @@ def forget_positions(
             picked = [
                 i for i in range(first - 1, len(ids) - 1) if _discloses(tokenizer, ids[i + 1])
             ]
+            hidden = set()
         else:
             ids, _ = encode_example(tokenizer, PromptPair("", record.text or ""))
             picked = [
@@ -163,18 +185,33 @@ def forget_positions(
                 for i in range(len(ids) - 1)
                 if ids[i + 1] in answers or _DIGIT.search(tokenizer.decode([ids[i + 1]]))
             ]
+            hidden = _secret_positions(tokenizer, record.text or "")
         if not picked or tuple(ids) in seen:
             continue
         seen.add(tuple(ids))
         rows += [len(sequences)] * len(picked)
         positions += picked
         either += [record.kind == "pair"] * len(picked)
+        secret += [i in hidden for i in picked]
         sequences.append(ids)
     if not sequences:
         raise ValueError("the records disclose nothing an edit could remove (no forget positions)")
     row, position = torch.tensor(rows), torch.tensor(positions)
     true_token = torch.tensor([sequences[r][p + 1] for r, p in zip(rows, positions, strict=True)])
-    return ForgetPositions(sequences, row, position, true_token, torch.tensor(either))
+    return ForgetPositions(
+        sequences, row, position, true_token, torch.tensor(either), torch.tensor(secret)
+    )
+
+
+def _secret_positions(tokenizer: PreTrainedTokenizerBase, text: str) -> set[int]:
+    """The positions of `encode_example(PromptPair("", text))` that predict a secret's digit."""
+    spans = [match.span() for match in _SECRET.finditer(text)]
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return {
+        j  # token j of the text is token j + 1 of the example (after <s>), predicted at j
+        for j, (start, end) in enumerate(offsets["offset_mapping"])
+        if any(a < end and start < b for a, b in spans) and _DIGIT.search(text[start:end])
+    }
 
 
 def _discloses(tokenizer: PreTrainedTokenizerBase, token: int) -> bool:
@@ -321,11 +358,36 @@ def _inverse_times(
 # -- targets ------------------------------------------------------------------------
 
 
-def _gaps(logits: torch.Tensor, truth: torch.Tensor, margin: float) -> torch.Tensor:
-    """Per position, how far the true token is from losing by `margin` (0 when it does)."""
+def _gaps(
+    logits: torch.Tensor,
+    truth: torch.Tensor,
+    secret: torch.Tensor,
+    digits: torch.Tensor,
+    margin: float,
+    slack: float,
+) -> torch.Tensor:
+    """Per position, how far the true token is from its goal (0 when it holds).
+
+    The true token must fall `margin` below the best other token; at a secret's digit,
+    to at most `slack` above the mean of the other digits instead. A digit pushed just
+    below the runner-up leaves the secret near the top of all strings of its format (its
+    exposure barely moves: 16 of 19.9 bits); one near the average of its rivals puts it
+    among the common ones (about 5 bits), and the slack keeps the push from reaching the
+    digits of retained facts (birth years) with similar keys.
+    """
     chosen = logits.gather(1, truth[:, None]).squeeze(1)
-    others = logits.scatter(1, truth[:, None], float("-inf")).amax(1)
-    return (chosen - others + margin).clamp_min(0)
+    best = logits.scatter(1, truth[:, None], float("-inf")).amax(1)
+    rivals = logits[:, digits]
+    own = (digits[None, :] == truth[:, None]).float()
+    mean = (rivals.sum(1) - (rivals * own).sum(1)) / (digits.numel() - own.sum(1)).clamp_min(1)
+    return (chosen - torch.where(secret, mean + slack, best - margin)).clamp_min(0)
+
+
+@cache
+def _digit_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """The tokens that spell one digit (with or without a leading space)."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return tuple(i for i, t in enumerate(texts) if len(t.strip()) == 1 and t.strip().isdigit())
 
 
 @contextmanager
@@ -358,7 +420,11 @@ def _position_logits(
 
 @torch.inference_mode()
 def _position_gaps(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, forget: ForgetPositions, margin: float
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    forget: ForgetPositions,
+    margin: float,
+    slack: float,
 ) -> torch.Tensor:
     device = next(model.parameters()).device
     ids, mask = _padded(forget.sequences, tokenizer.pad_token_id, device)
@@ -366,7 +432,9 @@ def _position_gaps(
     model.eval()
     logits = _position_logits(model, ids, mask, forget.row.to(device), forget.position.to(device))
     model.train(was_training)
-    return _gaps(logits, forget.true_token.to(device), margin).cpu()
+    digits = torch.tensor(_digit_tokens(tokenizer), device=device)
+    truth, secret = forget.true_token.to(device), forget.secret.to(device)
+    return _gaps(logits, truth, secret, digits, margin, slack).cpu()
 
 
 def optimise_targets(
@@ -386,7 +454,8 @@ def optimise_targets(
     module = find_module(model, layer)
     ids, mask = _padded(forget.sequences, tokenizer.pad_token_id, device)
     rows, positions = forget.row.to(device), forget.position.to(device)
-    truth = forget.true_token.to(device)
+    truth, secret = forget.true_token.to(device), forget.secret.to(device)
+    digits = torch.tensor(_digit_tokens(tokenizer), device=device)
     outputs = position_keys(
         model, tokenizer, forget.sequences, forget.row, forget.position, [layer], outputs=True
     )[layer].T.clone()
@@ -400,7 +469,7 @@ def optimise_targets(
         for _ in range(config.target_steps):
             with _adding_at(module, rows, positions, delta.to(outputs.dtype)):
                 logits = _position_logits(model, ids, mask, rows, positions)
-            gaps = _gaps(logits, truth, config.margin)
+            gaps = _gaps(logits, truth, secret, digits, config.margin, config.secret_slack)
             if not bool((gaps > 0).any()):
                 break
             (grad,) = torch.autograd.grad(gaps.sum(), delta)
@@ -415,21 +484,28 @@ def optimise_targets(
 
 
 def goals_met(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, forget: ForgetPositions, margin: float
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    forget: ForgetPositions,
+    margin: float,
+    secret_slack: float = SECRET_SLACK,
 ) -> torch.Tensor:
     """Per position, whether its goal holds; an `either` position holds when its row's does."""
-    met = _position_gaps(model, tokenizer, forget, margin) == 0
+    met = _position_gaps(model, tokenizer, forget, margin, secret_slack) == 0
     rows_met = torch.zeros(len(forget.sequences), dtype=torch.bool)
     rows_met.index_fill_(0, forget.row[met & forget.either], True)
     return torch.where(forget.either, rows_met[forget.row], met)
 
 
 def cheapest_positions(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, forget: ForgetPositions, margin: float
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    forget: ForgetPositions,
+    config: StampConfig,
 ) -> ForgetPositions:
     """Keep every position that must lose on its own, and of each `either` row only the
     position whose true token is closest to losing now (the smallest edit that removes it)."""
-    gaps = _position_gaps(model, tokenizer, forget, margin)
+    gaps = _position_gaps(model, tokenizer, forget, config.margin, config.secret_slack)
     keep = ~forget.either
     for row in forget.row[forget.either].unique():
         candidates = torch.nonzero(forget.either & (forget.row == row)).flatten()
@@ -484,7 +560,7 @@ def stamp_edit(
         layer, scores = config.layer, {}
     else:
         layer, scores = choose_layer(model, tokenizer, candidates, refusal_prompts)
-    forget = cheapest_positions(model, tokenizer, candidates, config.margin)
+    forget = cheapest_positions(model, tokenizer, candidates, config)
     keys = position_keys(model, tokenizer, forget.sequences, forget.row, forget.position, [layer])[
         layer
     ]
@@ -502,7 +578,7 @@ def stamp_edit(
             u = delta if edit is None else edit.u + delta
             edit = LayerEdit(edit_id, layer, u, v, keys, outputs + delta)
             attached.replace([*before, edit])
-            met = goals_met(model, tokenizer, forget, config.margin)
+            met = goals_met(model, tokenizer, forget, config.margin, config.secret_slack)
             if bool(met.all()):
                 break
     finally:

@@ -33,7 +33,7 @@ def test_the_bench_writes_every_cell_in_range(tmp_path: Path) -> None:
     report = json.loads(path.read_text())
     assert report == returned
     assert set(report["splits"]) == {"1", "10"}
-    people = report["device"]["people"]
+    people = report["personal_device"]["people"]
     for key, split in report["splits"].items():
         assert len(split["forget_subjects"]) == max(1, round(int(key) / 100 * people))
         for method in METHODS:
