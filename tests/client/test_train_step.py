@@ -94,8 +94,7 @@ def test_the_delta_rebuilds_the_trained_shared_adapter(device: DeviceModel) -> N
 
 def test_exactly_q_steps_with_the_measurements_the_scheduler_needs(device: DeviceModel) -> None:
     update = step(device)
-    # Each step is one batch; the last batch of an epoch may be smaller than the rest.
-    assert Q_STEPS < update.samples <= Q_STEPS * CONFIG.batch_size
+    assert update.samples == Q_STEPS * CONFIG.batch_size
     assert update.tokens > update.samples
     assert update.seconds_per_step > 0 and np.isfinite(update.loss) and update.loss > 0
 
