@@ -154,7 +154,9 @@ def test_exact_rank_matches_scoring_every_candidate_and_sampling_estimates_it(
     assert FORGET.canary is not None
     prefix, secret, alphabet = FORGET.canary.prefix, "3170", "0137"
     expected = brute_force_rank(untrained, tokenizer, prefix, secret, alphabet)
-    assert 1 < expected < 4**4  # a rank the search could get wrong either way
+    # Precondition, checked: the secret must rank strictly inside the 256 candidates, so that
+    # a search that over- or under-counts better candidates gives a different rank below.
+    assert 1 < expected < 4**4, expected
 
     exact = canary_exposure(untrained, tokenizer, prefix, secret, alphabet)
     estimated = canary_exposure(
