@@ -16,7 +16,9 @@ kept only until the request is VERIFIED.
 
 from __future__ import annotations
 
+import itertools
 import json
+import random
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -55,7 +57,10 @@ MAX_PAGE_SIZE = 500
 SALT_NAME = "subject-salt"
 SUBJECT_DOMAIN = b"lethe/deletion-subject/v1"
 BODY_DOMAIN = b"lethe/deletion-body/v1"
-_CAS_TRIES = 8
+# Compare-and-set retries: a loser backs off for a random while (so two writers do not collide
+# in lock step) and gives up only after this long, which takes a writer that never lets go.
+_CAS_PATIENCE_S = 10.0
+_CAS_MAX_BACKOFF_S = 0.05
 _OPEN = tuple(status.value for status in FORWARD[:-1])
 
 
@@ -279,7 +284,8 @@ class DeletionStore:
 
     def _change(self, request_id: str, change: Callable[[DeletionRow], Change]) -> DeletionRecord:
         """Apply `change` to the row as read, if nobody changed the row meanwhile (else re-read)."""
-        for _ in range(_CAS_TRIES):
+        deadline = time.monotonic() + _CAS_PATIENCE_S
+        for attempt in itertools.count(1):
             with Session(self.engine) as session:
                 row = _row(session, request_id)
                 values, event = change(row)
@@ -292,13 +298,15 @@ class DeletionStore:
                     .values(**values, version=row.version + 1)
                     .execution_options(synchronize_session=False)
                 )
-                if written.rowcount != 1:  # type: ignore[attr-defined]
-                    session.rollback()
-                    continue
-                if event is not None:
-                    session.add(event)
-                session.commit()
-                return _record(_row(session, request_id))
+                if written.rowcount == 1:  # type: ignore[attr-defined]
+                    if event is not None:
+                        session.add(event)
+                    session.commit()
+                    return _record(_row(session, request_id))
+                session.rollback()
+            if time.monotonic() > deadline:
+                break
+            time.sleep(random.uniform(0, min(_CAS_MAX_BACKOFF_S, 0.001 * 2**attempt)))
         raise ConcurrentChange(f"request {request_id} kept changing; try again")
 
     # -- reading -----------------------------------------------------------------------------
