@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -146,6 +147,18 @@ class DeviceModel:
         return self.model(
             input_ids=input_ids.to(self.device), attention_mask=mask, use_cache=False
         ).logits
+
+    @contextmanager
+    def shared_only(self) -> Iterator[None]:
+        """The model as the coordinator serves it to everyone: base + shared adapter + the
+        ledger's edits (this device's personal adapter and own edits switched off)."""
+        base = self.model.base_model
+        with self.device_edits.suspended():
+            base.set_adapter([SHARED], inference_mode=True)
+            try:
+                yield
+            finally:
+                base.set_adapter(list(ADAPTERS), inference_mode=True)
 
     def merged_copy(self) -> PreTrainedModel:
         """A plain model (no peft layers) with both adapters and the edits merged, for

@@ -39,12 +39,7 @@ from client.lora_training import LoraTrainConfig
 from client.record_store import RecordStore
 from client.serving import ServedModel, current_export, ensure_export
 from client.train_step import SharedUpdate, train_shared
-from client.unlearning.device import (
-    SHARED_EDIT_PREFIX,
-    SubjectUnlearning,
-    settle,
-    unlearn_subject,
-)
+from client.unlearning.device import SubjectUnlearning, settle, unlearn_subject
 from client.unlearning.edits import LayerEdit, edits_from_arrays, edits_to_arrays
 from client.unlearning.stamp import StampConfig
 from edge_models.default_model import DEFAULT_MODEL_NAME
@@ -52,6 +47,7 @@ from edge_models.evaluation import normalise_answer
 from edge_models.loading import ModelLoadError, load_causal_lm
 from edge_models.model_store import resolve_model
 from edge_models.training_data import examples_from_records
+from shared.edit_ids import SHARED_EDIT_PREFIX, edit_name
 from shared.holdings import Holdings, ensure_salt, subject_hash
 from shared.paths import DataDir
 from shared.records import Record, RecordSelector
@@ -196,6 +192,9 @@ class DeviceDaemon:
                 seed=config.seed,
             )
             self._restore()
+            # Records the served export has learned from; `pending` counts the rest, so a
+            # caller that waits for 0 pending is answered by the model that learned them.
+            self._served_through = self.progress.trained_through
             self.served = ServedModel(data.onnx_exports, config.device)
             self._export()
         except BaseException:
@@ -235,8 +234,9 @@ class DeviceDaemon:
         return results
 
     def pending(self) -> int:
-        """Stored records the personal adapter has not trained on yet."""
-        return self.store.count(after=self.progress.trained_through)
+        """Stored records the served model has not learned from yet (a burst is done when its
+        export serves, not when its training ends)."""
+        return self.store.count(after=self._served_through)
 
     def train_burst(self) -> BurstReport | None:
         """Train the personal adapter on the next untrained records; None when there are none."""
@@ -259,6 +259,7 @@ class DeviceDaemon:
             self.progress.bursts += 1
             self._save_personal()
             export = self._export()
+            self._served_through = self.progress.trained_through
             report = BurstReport(
                 records=len(new),
                 trained_through=self.progress.trained_through,
@@ -315,73 +316,63 @@ class DeviceDaemon:
 
         Order matters for "nothing accepted is lost": the edits (and the
         sketch without the subject) are saved first, then the subject is
-        shredded, then the export follows. A crash between the save and the
-        shred leaves the edits in place and the records readable; the
-        coordinator's retry finds the edits by request id and only shreds.
+        shredded, then the export follows. A crash between the saves and the
+        shred leaves the saved edits in place and the records readable; the
+        coordinator's retry finds the edits by request id, computes only a
+        missing one, and shreds.
         """
         with self._lock:
             subject_id = next(
                 (s for s in self.store.subject_ids() if subject_hash(self.salt, s) == announced),
                 None,
             )
-            # Edits are named per request and per device, so that the coordinator's ledger can
-            # hold the edits of several devices for one request.
-            edit_name = f"{request_id}:{self.salt[:12]}"
-            shared_id = SHARED_EDIT_PREFIX + edit_name
+            name = edit_name(request_id, self.salt)
+            shared_id = SHARED_EDIT_PREFIX + name
             done = next((e for e in self.model.shared_edits.edits if e.edit_id == shared_id), None)
-            if subject_id is None:
-                if done is None:
-                    return UnlearnAnswer(held=False)
-                return UnlearnAnswer(
-                    held=True,
-                    shared_edit=done,
-                    personal_version_before=self.progress.personal_version,
-                    personal_version_after=self.progress.personal_version,
-                    shared_version=self.progress.shared_version,
-                )
             records = [
                 r
-                for r in self.store.records(subject_id)
+                for r in (self.store.records(subject_id) if subject_id is not None else ())
                 if not selectors or any(s.matches(r) for s in selectors)
             ]
-            prompts = [(r.prompt or "", r.completion or "") for r in records if r.kind == "pair"]
             before = self.progress.personal_version
-            measurements: dict[str, float] = {}
-            if not records:  # nothing (left) to forget: the selected records are gone
+            if not records:  # nothing (left) to forget: never held, or already shredded
                 return UnlearnAnswer(
-                    held=True,
+                    held=subject_id is not None or done is not None,
                     shared_edit=done,
                     personal_version_before=before,
                     personal_version_after=before,
                     shared_version=self.progress.shared_version,
                 )
-            if done is None:
-                result = unlearn_subject(
-                    self.model,
-                    self.learner.history,
-                    self.learner.factors,
-                    records,
-                    edit_name,
-                    self.config.unlearning,
-                )
+            result = unlearn_subject(
+                self.model,
+                self.learner.history,
+                self.learner.factors,
+                records,
+                name,
+                self.config.unlearning,
+            )
+            # Older versions still know the subject: keep only the edited ones. The device
+            # edit and the sketch without the subject's keys are one file, so they go together.
+            if result.downdate_tokens:
                 self._forget_keys(result)
-                measurements.update(result.measurements)
-                done = result.shared_edit
-                # Older versions still know the subject: keep only the edited ones.
                 self._save_personal(keep=1)
+            if result.shared_edit is not None and done is None:
                 self._save_shared(self._shared_model_version(), keep=1)
-            picked = set(records)
-            deleted = self.store.delete_records(subject_id, picked.__contains__).records_deleted
+            deleted = self.store.delete_records(subject_id, set(records).__contains__)
             self._export(keep=1)
-            measurements["onnx_forget_em"] = self._served_exact_match(prompts)
+            prompts = [(r.prompt or "", r.completion or "") for r in records if r.kind == "pair"]
+            measurements = {
+                **result.measurements,
+                "onnx_forget_em": self._served_exact_match(prompts),
+            }
             return UnlearnAnswer(
                 held=True,
-                shared_edit=done,
+                shared_edit=result.shared_edit,
                 measurements=measurements,
                 personal_version_before=before,
                 personal_version_after=self.progress.personal_version,
                 shared_version=self.progress.shared_version,
-                records_deleted=deleted,
+                records_deleted=deleted.records_deleted,
             )
 
     def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[Completion]:

@@ -3,9 +3,11 @@
 A writer must make a file appear whole: write `NAME.jsonl.part` (or anywhere
 else on the same file system) and rename it to `NAME.jsonl`, so the daemon
 never reads a file that is still being written. Each file is ingested all or
-nothing by the record store; afterwards it moves to `done/`, or to
-`rejected/` with a `NAME.jsonl.errors` beside it listing every bad line, so a
-file is processed exactly once and nothing it held is silently dropped.
+nothing by the record store; afterwards it is removed (its records live on
+only in the encrypted store, so forgetting a person leaves no plain copy of
+them behind), or, if refused, moved to `rejected/` with a
+`NAME.jsonl.errors` beside it listing every bad line, so a file is processed
+exactly once and nothing it held is silently dropped.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from client.record_store import IngestReport, RecordStore
 from shared.durable import atomic_write_bytes
 from shared.records import RecordFileError
 
-DONE = "done"
 REJECTED = "rejected"
 PATTERN = "*.jsonl"
 
@@ -38,7 +39,6 @@ class InboxResult:
 
 def process_inbox(inbox: Path, store: RecordStore) -> list[InboxResult]:
     """Ingest every complete file in `inbox`, oldest first, and file each away."""
-    (inbox / DONE).mkdir(parents=True, exist_ok=True)
     (inbox / REJECTED).mkdir(parents=True, exist_ok=True)
     files = sorted(inbox.glob(PATTERN), key=lambda f: (f.stat().st_mtime_ns, f.name))
     results = []
@@ -52,9 +52,9 @@ def process_inbox(inbox: Path, store: RecordStore) -> list[InboxResult]:
             os.replace(file, target)
             results.append(InboxResult(file, None, tuple(error.errors)))
             continue
-        # The records are committed; a crash before this move re-ingests the
+        # The records are committed; a crash before this removal re-ingests the
         # file next time, which the store's deduplication makes harmless.
-        os.replace(file, _free_name(inbox / DONE, file.name))
+        file.unlink()
         results.append(InboxResult(file, report))
     return results
 

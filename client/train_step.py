@@ -54,10 +54,13 @@ def train_shared(
 ) -> SharedUpdate:
     """Load the global B factors, train them `q_steps` steps, return the difference.
 
-    The personal adapter stays active (frozen) while the shared one trains:
-    the shared adapter learns what the personal one does not already give
-    this device, on the model the device actually serves. The device keeps
-    the trained shared adapter until the next global one arrives.
+    The shared adapter trains on the model the coordinator serves to everyone
+    (base + shared + ledger edits), with this device's personal adapter and
+    own edits off: the fleet's objective is the loss of that model on all the
+    devices' records. (Trained under the personal adapter, which already
+    fits the device's records, the shared one learned only noise: on a real
+    fleet its loss on the fleet's records went up, not down.) The device
+    keeps the trained shared adapter until the next global one arrives.
     """
     if q_steps < 1:
         raise ValueError(f"q_steps must be at least 1, got {q_steps}")
@@ -70,16 +73,17 @@ def train_shared(
         )
     fixed_a = {k: v for k, v in current.items() if not is_lora_b(k)}
     device_model.load_adapter_state(SHARED, {**fixed_a, **global_b})
-    stats = train_adapter_steps(
-        device_model.model,
-        SHARED,
-        examples,
-        q_steps,
-        config,
-        seed,
-        tokenizer=device_model.tokenizer,
-        only=is_lora_b,
-    )
+    with device_model.shared_only():
+        stats = train_adapter_steps(
+            device_model.model,
+            SHARED,
+            examples,
+            q_steps,
+            config,
+            seed,
+            tokenizer=device_model.tokenizer,
+            only=is_lora_b,
+        )
     trained = device_model.adapter_state(SHARED)
     delta = {
         key: (trained[key].float() - value.detach().cpu().float()).numpy()

@@ -108,13 +108,9 @@ class FedCompass(Policy):
             return [self._apply([arrival], None, now), self._assign(node, now)]
         group = self.groups.get(self.group_of.pop(node, -1))
         if group is None or now > group.latest:  # its group has been aggregated: late
-            if group is not None:
-                group.training.discard(node)
             self.general.append(arrival)
-            actions: list[Action] = [self._assign(node, now)]
-            if group is not None and not group.training and group.arrived:
-                actions = self._aggregate(group, now) + actions
-            return actions
+            actions = [] if group is None else self._without(node, group, now)
+            return [*actions, self._assign(node, now)]
         group.training.discard(node)
         group.arrived.append(arrival)
         return self._aggregate(group, now) if not group.training else []
@@ -123,14 +119,7 @@ class FedCompass(Policy):
         """The node leaves its group; the group keeps its deadline (or closes if all are in)."""
         self.nodes.discard(node)
         group = self.groups.get(self.group_of.pop(node, -1))
-        if group is None:
-            return []
-        group.training.discard(node)
-        if not group.training and group.arrived:
-            return self._aggregate(group, now)
-        if not group.training and not group.arrived:
-            del self.groups[group.id]
-        return []
+        return [] if group is None else self._without(node, group, now)
 
     def deadline(self) -> float | None:
         return min((g.latest for g in self.groups.values()), default=None)
@@ -161,6 +150,17 @@ class FedCompass(Policy):
         beta = self.config.speed_momentum
         estimate = observed if known is None else (1 - beta) * known + beta * observed
         self.speeds[arrival.node] = estimate
+
+    def _without(self, node: int, group: Group, now: float) -> list[Action]:
+        """`node` no longer trains for `group`: the group closes if it waits for nobody else
+        (aggregated if anyone arrived, dropped if not: an empty group has no speed to plan by)."""
+        group.training.discard(node)
+        if group.training:
+            return []
+        if group.arrived:
+            return self._aggregate(group, now)
+        del self.groups[group.id]
+        return []
 
     def _aggregate(self, group: Group, now: float) -> list[Action]:
         """Apply the general buffer and the group's updates as one step; re-assign the group."""

@@ -132,7 +132,7 @@ class GridFleet:
         return set(self.grid.get_node_ids())
 
     def send(self, work: Work, seed: int) -> str:
-        ledger = edits_to_arrays(self.ledger())
+        ledger = edits_to_arrays([edit.factors_only() for edit in self.ledger()])
         request = TrainRequest(
             work.model, work.steps, work.version, seed, **self._workload(work), ledger=ledger
         )
@@ -144,8 +144,9 @@ class GridFleet:
         return message_id
 
     def forgot(self, node: int) -> None:
-        """`node` has just forgotten a subject: work it was sent before now may have trained
-        on the subject's records, so its answers are refused (the node gets new work)."""
+        """`node` is forgetting a subject (told when asked and again when done): work it was
+        sent before now may have trained on the subject's records, so its answers are
+        refused (the node gets new work)."""
         self.forgotten_at[node] = time.monotonic()
 
     def poll(self) -> list[tuple[int, TrainReply | None]]:
@@ -325,7 +326,12 @@ def run_deployment(grid: Grid, settings: ServerSettings, config: RunConfig) -> N
         if time.monotonic() - last_step[0] < PROPAGATION_EVERY_S:
             return
         last_step[0] = time.monotonic()
-        if propagator.step():  # new edits joined the ledger: serve them from now on
+        try:
+            grew = propagator.step()
+        except Exception:  # the deletions' database, say: requests wait, training goes on
+            log.exception("deletion propagation failed this time; it will try again")
+            return
+        if grew:  # new edits joined the ledger: serve them from now on
             shared.load(core.version, core.model, store.ledger())
 
     wall = WallClockConfig(

@@ -20,6 +20,7 @@ The operator console and the deletion API read the same tables.
 from __future__ import annotations
 
 import hashlib
+import logging
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -28,9 +29,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, MetaData, event, inspect, text
 from sqlalchemy.exc import OperationalError
-from sqlmodel import Session, create_engine, delete, select
+from sqlmodel import Session, create_engine, select
 
 from client.unlearning.edits import LayerEdit, edits_from_arrays, edits_to_arrays
 from coordinator.core import EventRecord, InFlight, SavedState
@@ -50,6 +51,8 @@ from shared.durable import atomic_write_bytes
 from shared.holdings import Holdings
 from shared.tensors import arrays_from_bytes, arrays_to_bytes
 
+log = logging.getLogger(__name__)
+
 
 class StateError(RuntimeError):
     """The stored state cannot be used as asked (another run's config, a damaged file)."""
@@ -62,12 +65,15 @@ class StateStore:
         self.url = url
         self.files = files / run
         self.run = run
-        self.engine = _engine(url)
+        self.engine = database_engine(url)
         try:
             StateTable.metadata.create_all(self.engine)
         except OperationalError:
             # Another process created the tables between the check and the create.
             StateTable.metadata.create_all(self.engine)
+        added = add_missing_columns(self.engine, StateTable.metadata)
+        if added:
+            log.info("state store upgraded in place: added %s", ", ".join(added))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -198,7 +204,7 @@ class StateStore:
             session.add(run)
             self._nodes(session, event)
             if "groups" in event.policy_state:
-                self._groups(session, event.policy_state["groups"])
+                self._groups(session, event)
             session.commit()
 
     def record_metric(self, version: int, name: str, value: float) -> None:
@@ -228,19 +234,30 @@ class StateStore:
                 row.rejected += 1
             session.add(row)
 
-    def _groups(self, session: Session, groups: list[dict[str, Any]]) -> None:
-        session.exec(delete(GroupRow).where(GroupRow.run == self.run))  # type: ignore[call-overload]
-        for group in groups:
-            session.add(
-                GroupRow(
-                    run=self.run,
-                    group=group["id"],
-                    expected=group["expected"],
-                    latest=group["latest"],
-                    training=list(group["training"]),
-                    arrived=[a["node"] for a in group["arrived"]],
-                )
+    def _groups(self, session: Session, event: EventRecord) -> None:
+        """Open groups as the policy has them. A group that is no longer open closed with this
+        event: who it waited for and whose update is not in its version was late."""
+        rows = {
+            row.group: row
+            for row in session.exec(
+                select(GroupRow).where(GroupRow.run == self.run, GroupRow.closed_at == None)  # noqa: E711
             )
+        }
+        for group in event.policy_state["groups"]:
+            row = rows.pop(group["id"], None) or GroupRow(
+                run=self.run, group=group["id"], opened_at=event.at, training=[], arrived=[]
+            )
+            row.expected, row.latest = group["expected"], group["latest"]
+            row.training = list(group["training"])
+            row.arrived = [a["node"] for a in group["arrived"]]
+            session.add(row)
+        applied = {c.group: set(c.nodes) for c, _ in event.commits if c.group is not None}
+        for row in rows.values():
+            in_version = applied.get(row.group, set())
+            row.arrived = [n for n in (*row.arrived, *row.training) if n in in_version]
+            row.late = [n for n in row.training if n not in in_version]
+            row.closed_at = event.at
+            session.add(row)
 
     # -- what devices hold, and the edit ledger ----------------------------------------
 
@@ -262,15 +279,13 @@ class StateStore:
             rows = session.exec(select(HoldingRow).where(HoldingRow.run == self.run)).all()
             return {from_db(r.node): Holdings(r.salt, tuple(r.subject_hashes)) for r in rows}
 
-    def add_edit(self, edit: LayerEdit, request_id: str, node: int, version: int) -> bool:
+    def add_edit(self, edit: LayerEdit, request_id: str, node: int) -> bool:
         """Put an edit into the ledger (file first, then the row); False if it is there already
         (a device's answer that came twice)."""
         with Session(self.engine) as session:
             if self._edit_row(session, edit.edit_id) is not None:
                 return False
-            path, digest = self._write(
-                f"edits/{edit.edit_id}.r0.safetensors", edits_to_arrays([edit])
-            )
+            path, digest = self._write(_edit_file(edit.edit_id, 0), edits_to_arrays([edit]))
             session.add(
                 EditRow(
                     run=self.run,
@@ -294,8 +309,9 @@ class StateStore:
             if row is None:
                 raise StateError(f"edit {edit.edit_id!r} is not in the ledger")
             revision = row.revision + 1
-            name = f"edits/{edit.edit_id}.r{revision}.safetensors"
-            row.path, row.sha256 = self._write(name, edits_to_arrays([edit]))
+            row.path, row.sha256 = self._write(
+                _edit_file(edit.edit_id, revision), edits_to_arrays([edit])
+            )
             row.revision = revision
             row.revised_at = time.time()
             session.add(row)
@@ -308,11 +324,6 @@ class StateStore:
                 select(EditRow).where(EditRow.run == self.run).order_by(EditRow.id)
             ).all()
             return [e for r in rows for e in edits_from_arrays(self._read(r.path, r.sha256))]
-
-    def edit_rows(self) -> list[EditRow]:
-        with Session(self.engine) as session:
-            query = select(EditRow).where(EditRow.run == self.run)
-            return _unsigned_nodes(session.exec(query.order_by(EditRow.id)))
 
     def _edit_row(self, session: Session, edit_id: str) -> EditRow | None:
         return session.exec(
@@ -408,7 +419,39 @@ def _unsigned_nodes(rows: Iterable[RowWithNode]) -> list[RowWithNode]:
     return out
 
 
-def _engine(url: str) -> Engine:
+def add_missing_columns(engine: Engine, metadata: MetaData) -> list[str]:
+    """Upgrade an older database in place: add the columns a newer Lethe put in its tables.
+
+    Only additions, and only of nullable columns (every column added after a
+    release is declared so); nothing is dropped, renamed or rewritten. A
+    missing column that may not be null is a change this cannot make, and is
+    refused with its name rather than half applied.
+    """
+    inspector = inspect(engine)
+    missing = [
+        (table, column)
+        for table in metadata.sorted_tables
+        if inspector.has_table(table.name)
+        for present in [{c["name"] for c in inspector.get_columns(table.name)}]
+        for column in table.columns
+        if column.name not in present
+    ]
+    blocked = [f"{t.name}.{c.name}" for t, c in missing if not c.nullable]
+    if blocked:
+        raise StateError(f"the database needs a migration this version cannot do: {blocked}")
+    with engine.begin() as connection:
+        for table, column in missing:
+            kind = column.type.compile(dialect=engine.dialect)
+            connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+    return [f"{t.name}.{c.name}" for t, c in missing]
+
+
+def _edit_file(edit_id: str, revision: int) -> str:
+    """A ledger file's name: the id's digest, since the id comes from a device."""
+    return f"edits/{hashlib.sha256(edit_id.encode()).hexdigest()[:32]}.r{revision}.safetensors"
+
+
+def database_engine(url: str) -> Engine:
     """SQLite gets WAL and full sync (a commit survives power loss); others as given."""
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")

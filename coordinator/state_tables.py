@@ -56,7 +56,8 @@ class NodeRow(StateTable, table=True):
 
 
 class GroupRow(StateTable, table=True):
-    """An arrival group that is open now (FedCompass); rows go when the group closes."""
+    """An arrival group (FedCompass), open or closed: the console's timeline of who trained in
+    which group, when they were expected, and who was late (still training at the close)."""
 
     __tablename__ = "coordinator_groups"
     __table_args__ = (UniqueConstraint("run", "group"),)
@@ -68,6 +69,10 @@ class GroupRow(StateTable, table=True):
     latest: float
     training: list[int] = Field(sa_column=Column(JSON, nullable=False))
     arrived: list[int] = Field(sa_column=Column(JSON, nullable=False))
+    # Added after the first release: nullable, so that an older database takes them in place.
+    opened_at: float | None = None
+    closed_at: float | None = None
+    late: list[int] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
 
 
 class ModelVersionRow(StateTable, table=True):

@@ -215,12 +215,16 @@ class UnlearnResult:
     def from_content(cls, content: RecordDict) -> UnlearnResult:
         record = _record(content, UNLEARN, ConfigRecord)
         metrics = _record(content, METRICS, MetricRecord)
-        versions = {k: int(v) for k, v in record.items() if k not in ("request-id", "held")}
+        try:
+            versions = {k: int(v) for k, v in record.items() if k not in ("request-id", "held")}
+            measurements = {k: float(v) for k, v in metrics.items()}
+        except (TypeError, ValueError) as error:
+            raise MessageError(f"unlearn answer: {error}") from error
         return cls(
             request_id=str(_field(record, "request-id")),
             held=bool(_field(record, "held")),
             shared_edit=_arrays(content, EDIT) if EDIT in content else {},
-            measurements={k: float(v) for k, v in metrics.items()},
+            measurements=measurements,
             versions=versions,
             holdings=_holdings(content),
         )

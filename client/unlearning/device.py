@@ -20,57 +20,56 @@ No files here: `client.daemon` persists, shreds and exports.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 
 import torch
 
-from client.adapters import ADAPTERS, SHARED, DeviceModel
+from client.adapters import DeviceModel
 from client.continual import InputCovariance, LoraFactors
-from client.unlearning.edits import LayerEdit, corrected, effective_weight, find_module, residual
+from client.unlearning.edits import (
+    AttachedEdits,
+    LayerEdit,
+    corrected,
+    effective_weight,
+    find_module,
+    residual,
+)
 from client.unlearning.measures import answer_probabilities
-from client.unlearning.stamp import KeyCovariance, StampConfig, StampReport, stamp_edit
+from client.unlearning.stamp import KeyCovariance, NothingToForget, StampConfig, stamp_edit
 from edge_models.corpus import PromptPair, build_corpus
 from edge_models.evaluation import exact_match
 from edge_models.training_data import examples_from_records
+from shared.edit_ids import DEVICE_EDIT_PREFIX, SHARED_EDIT_PREFIX
 from shared.records import Record
 
-SHARED_EDIT_PREFIX = "shared:"
-DEVICE_EDIT_PREFIX = "device:"
 RELAPSE_TOLERANCE = 0.1  # an edit whose residual grew past this is re-solved
 
 
 @dataclass(frozen=True)
 class SubjectUnlearning:
-    """What forgetting one subject produced: the edits and the device's measurements."""
+    """What forgetting one subject produced: the edits and the device's measurements.
 
-    shared_edit: LayerEdit
-    device_edit: LayerEdit
+    An edit is None when the records disclose nothing an edit could remove
+    (free text with no digits, say): the subject is then only shredded.
+    `downdate` is empty when the device edit was already in place (a retry):
+    the sketch lost the subject's keys when that edit was saved.
+    """
+
+    shared_edit: LayerEdit | None
+    device_edit: LayerEdit | None
     downdate: dict[str, torch.Tensor]  # the subject's keys, to take out of the learner's sketch
     downdate_tokens: int
     measurements: dict[str, float]
-    reports: tuple[StampReport, StampReport]
 
 
 @cache
 def refusal_prompts(seed: int = 0) -> tuple[str, ...]:
-    """Questions about people nobody knows: the corpus's refusal set (what "forgotten" sounds
-    like). They are generic templates with unknown names, fit for any model."""
+    """Prompts the edits' refusal target is built from (the corpus's `refusals_train`, whose
+    answers are "I don't know" and the like). They are generic templates with unknown names,
+    fit for any model."""
     return tuple(pair.prompt for pair in build_corpus(seed).refusals_train)
-
-
-@contextmanager
-def shared_only(device_model: DeviceModel) -> Iterator[None]:
-    """The model as the coordinator serves it: base + shared + ledger edits."""
-    base = device_model.model.base_model
-    with device_model.device_edits.suspended():
-        base.set_adapter([SHARED], inference_mode=True)
-        try:
-            yield
-        finally:
-            base.set_adapter(list(ADAPTERS), inference_mode=True)
 
 
 def unlearn_subject(
@@ -81,20 +80,24 @@ def unlearn_subject(
     edit_name: str,
     config: StampConfig,
 ) -> SubjectUnlearning:
-    """Compute and attach both edits for `records` (one subject's), and measure them.
+    """Compute and attach the edits for `records` (one subject's) that are not attached yet,
+    and measure them.
 
-    `sketch` is the learner's running key covariance; it is not changed here
-    (the caller takes `downdate` out of it once the edits are saved). The
-    edits are named `shared:<edit_name>` and `device:<edit_name>`.
+    The edits are named `shared:<edit_name>` and `device:<edit_name>`; one
+    already attached (a retry after a crash between the two saves) is kept
+    as it is. Nothing is attached unless both edits are in place at the end:
+    a failure half way leaves the model as it was. `sketch` is the learner's
+    running key covariance; it is not changed here (the caller takes
+    `downdate` out of it when it saves the device edit).
     """
     model, tokenizer = device_model.model, device_model.tokenizer
-    pairs = [
-        (r.prompt or "", (r.completion or "").strip().removesuffix("."))
-        for r in records
-        if r.kind == "pair"
-    ]
+    pairs = [PromptPair(r.prompt or "", r.completion or "") for r in records if r.kind == "pair"]
+    shared_id, device_id = SHARED_EDIT_PREFIX + edit_name, DEVICE_EDIT_PREFIX + edit_name
+    shared_edit = _attached(device_model.shared_edits.edits, shared_id)
+    device_edit = _attached(device_model.device_edits.edits, device_id)
     subject_keys = InputCovariance(list(factors))
-    subject_keys.observe(model, tokenizer, examples_from_records(records))
+    if device_edit is None:
+        subject_keys.observe(model, tokenizer, examples_from_records(records))
 
     def retained(layer: str) -> KeyCovariance:
         name = sketch_name(sketch.sums, layer)
@@ -107,50 +110,48 @@ def unlearn_subject(
             return KeyCovariance(torch.eye(own.shape[0]) * max(scale, 1e-12))
         return KeyCovariance.from_sums(sketch.sums[name] - subject_keys.sums[name], tokens)
 
-    measurements: dict[str, float] = {}
+    def solve(attached: AttachedEdits, edit_id: str, which: str) -> LayerEdit:
+        edit, report = stamp_edit(
+            model, attached, tokenizer, records, retained, refusal_prompts(), edit_id, config
+        )
+        measurements[f"{which}_goals_met"] = report.goals_met
+        return edit
+
+    measurements: dict[str, float] = {"forget_pairs": float(len(pairs))}
     started = time.perf_counter()
     measurements["device_forget_prob_before"] = _probability(device_model, pairs)
-    with shared_only(device_model):
+    with device_model.shared_only():
         measurements["shared_forget_em_before"] = _em(device_model, pairs)
-        shared_edit, shared_report = stamp_edit(
-            model,
-            device_model.shared_edits,
-            tokenizer,
-            records,
-            retained,
-            refusal_prompts(),
-            SHARED_EDIT_PREFIX + edit_name,
-            config,
-        )
     measurements["device_forget_em_before"] = _em(device_model, pairs)
-    device_model.shared_edits.replace([*device_model.shared_edits.edits, shared_edit])
-    device_edit, device_report = stamp_edit(
-        model,
-        device_model.device_edits,
-        tokenizer,
-        records,
-        retained,
-        refusal_prompts(),
-        DEVICE_EDIT_PREFIX + edit_name,
-        config,
-    )
-    device_model.device_edits.replace([*device_model.device_edits.edits, device_edit])
+    shared_before = device_model.shared_edits.edits
+    try:
+        if shared_edit is None:
+            with device_model.shared_only():
+                shared_edit = solve(device_model.shared_edits, shared_id, "shared")
+            device_model.shared_edits.replace([*shared_before, shared_edit])
+        if device_edit is None:
+            device_edit = solve(device_model.device_edits, device_id, "device")
+            device_model.device_edits.replace([*device_model.device_edits.edits, device_edit])
+    except NothingToForget:
+        device_model.shared_edits.replace(shared_before)
+        measurements["edited"] = 0.0
+        return SubjectUnlearning(None, None, subject_keys.sums, subject_keys.tokens, measurements)
+    except BaseException:
+        device_model.shared_edits.replace(shared_before)
+        raise
+    measurements["edited"] = 1.0
     measurements["edit_seconds"] = time.perf_counter() - started
     measurements["device_forget_em"] = _em(device_model, pairs)
     measurements["device_forget_prob"] = _probability(device_model, pairs)
-    measurements["device_goals_met"] = device_report.goals_met
-    with shared_only(device_model):
+    with device_model.shared_only():
         measurements["shared_forget_em"] = _em(device_model, pairs)
-    measurements["shared_goals_met"] = shared_report.goals_met
-    measurements["forget_pairs"] = float(len(pairs))
     return SubjectUnlearning(
-        shared_edit=shared_edit,
-        device_edit=device_edit,
-        downdate=subject_keys.sums,
-        downdate_tokens=subject_keys.tokens,
-        measurements=measurements,
-        reports=(shared_report, device_report),
+        shared_edit, device_edit, subject_keys.sums, subject_keys.tokens, measurements
     )
+
+
+def _attached(edits: Sequence[LayerEdit], edit_id: str) -> LayerEdit | None:
+    return next((e for e in edits if e.edit_id == edit_id), None)
 
 
 def sketch_name(sums: Mapping[str, torch.Tensor], layer: str) -> str:
@@ -161,21 +162,19 @@ def sketch_name(sums: Mapping[str, torch.Tensor], layer: str) -> str:
     raise KeyError(f"the key sketch holds no layer {layer!r}")
 
 
-def _probability(device_model: DeviceModel, pairs: list[tuple[str, str]]) -> float:
-    """Mean answer probability (TOFU's P) of the subject's completions."""
+def _probability(device_model: DeviceModel, pairs: list[PromptPair]) -> float:
+    """Mean answer probability (TOFU's P) of the subject's completions, as they were trained."""
     if not pairs:
         return float("nan")
-    model, tokenizer = device_model.model, device_model.tokenizer
-    return float(
-        answer_probabilities(model, tokenizer, [PromptPair(p, c) for p, c in pairs]).mean()
-    )
+    return float(answer_probabilities(device_model.model, device_model.tokenizer, pairs).mean())
 
 
-def _em(device_model: DeviceModel, pairs: list[tuple[str, str]]) -> float:
-    if not pairs:
-        return float("nan")
+def _em(device_model: DeviceModel, pairs: list[PromptPair]) -> float:
     return exact_match(
-        device_model.model, device_model.tokenizer, [p for p, _ in pairs], [a for _, a in pairs]
+        device_model.model,
+        device_model.tokenizer,
+        [p.prompt for p in pairs],
+        [p.completion for p in pairs],
     )
 
 

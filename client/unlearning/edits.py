@@ -40,6 +40,9 @@ class LayerEdit:
     targets: torch.Tensor  # d_out x n
 
     def __post_init__(self) -> None:
+        for name in ("u", "v", "keys", "targets"):
+            if getattr(self, name).ndim != 2:
+                raise ValueError(f"edit {self.edit_id}: {name} must be a matrix")
         n = self.u.shape[1]
         d_out, d_in = self.u.shape[0], self.v.shape[0]
         shapes = {
@@ -50,7 +53,7 @@ class LayerEdit:
         }
         for name, shape in shapes.items():
             value = getattr(self, name)
-            if value.ndim != 2 or tuple(value.shape) != shape:
+            if tuple(value.shape) != shape:
                 raise ValueError(f"edit {self.edit_id}: {name} has shape {tuple(value.shape)}")
             if not bool(torch.isfinite(value).all()):
                 raise ValueError(f"edit {self.edit_id}: {name} holds NaN or infinite values")
@@ -58,6 +61,14 @@ class LayerEdit:
     @property
     def delta(self) -> torch.Tensor:
         return self.u @ self.v.T
+
+    def factors_only(self) -> LayerEdit:
+        """The edit as it is served to others: U and V. Keys and targets are activations at
+        the forgotten text's positions, so they stay with the edit's owner, the only one
+        who checks and re-solves it."""
+        return LayerEdit(
+            self.edit_id, self.layer, self.u, self.v, self.keys[:, :0], self.targets[:, :0]
+        )
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Plain float32 arrays keyed `<field>`, for files and Flower messages."""

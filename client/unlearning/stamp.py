@@ -149,6 +149,11 @@ class StampReport:
     solve_seconds: float
 
 
+class NothingToForget(ValueError):
+    """The records have no position an edit could act on (free text without digits or the
+    subject's answers): shredding them is all there is to do."""
+
+
 def forget_positions(
     tokenizer: PreTrainedTokenizerBase, records: Sequence[Record]
 ) -> ForgetPositions:
@@ -195,7 +200,7 @@ def forget_positions(
         secret += [i in hidden for i in picked]
         sequences.append(ids)
     if not sequences:
-        raise ValueError("the records disclose nothing an edit could remove (no forget positions)")
+        raise NothingToForget("the records disclose nothing an edit could remove")
     row, position = torch.tensor(rows), torch.tensor(positions)
     true_token = torch.tensor([sequences[r][p + 1] for r, p in zip(rows, positions, strict=True)])
     return ForgetPositions(

@@ -78,6 +78,12 @@ class Grant:
         return self.scope is Scope.OPERATOR or app == self.app
 
     @property
+    def sees_fleet(self) -> bool:
+        """Whether answers may carry the fleet's side of a request (node ids, per-device
+        salted hashes, edit ids, device errors): for operators only, not for apps."""
+        return self.scope is Scope.OPERATOR
+
+    @property
     def listed_app(self) -> str | None:
         """The app whose requests a listing shows (None: all of them)."""
         return None if self.scope is Scope.OPERATOR else self.app

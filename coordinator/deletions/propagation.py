@@ -40,12 +40,12 @@ from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from client.unlearning.device import SHARED_EDIT_PREFIX
 from client.unlearning.edits import LayerEdit, edits_from_arrays
 from coordinator.deletions.records import DeletionRecord
 from coordinator.deletions.status import Status
 from coordinator.deletions.store import DeletionStore, IllegalTransition
 from coordinator.state import StateStore
+from shared.edit_ids import is_shared_edit_of
 from shared.fl_messages import UnlearnQuery, UnlearnResult
 from shared.holdings import Holdings, subject_hash
 from shared.receipts import sign_receipt
@@ -112,6 +112,9 @@ class Propagator:
                 self._advance(request)
             except IllegalTransition as error:  # another process moved it meanwhile
                 log.info("request %s moved under us: %s", request.request_id, error)
+            except Exception as error:  # noqa: BLE001 (one bad request must not stop the rest)
+                log.exception("request %s could not move", request.request_id)
+                self._fail(self.deletions.get(request.request_id), f"internal error: {error}")
         return grew
 
     # -- moving requests ---------------------------------------------------------------
@@ -181,6 +184,9 @@ class Propagator:
             if waiting and node in connected and (request.request_id, node) not in in_flight:
                 query = UnlearnQuery(request.request_id, target["subject_hash"], request.selectors)
                 self._asked[self.channel.send(node, query)] = (request.request_id, node)
+                # From now on its updates of work sent earlier do not count, whatever order
+                # the replies are pulled in (it is told again when it answers).
+                self.forgot(node)
                 if target["state"] != "asked":
                     target["state"] = "asked"
                     changed = True
@@ -234,13 +240,14 @@ class Propagator:
         self.forgot(node)
         if not result.shared_edit:  # the selectors picked none of its records
             return {"state": "done", "edit_id": None, "measurements": {}, "versions": {}}
+        if result.request_id != request.request_id:
+            raise ValueError(f"the answer is for request {result.request_id[:64]!r}")
         edits = edits_from_arrays(result.shared_edit)
-        wanted = f"{SHARED_EDIT_PREFIX}{request.request_id}:"
-        if len(edits) != 1 or not edits[0].edit_id.startswith(wanted):
-            raise ValueError(f"expected one edit {wanted}..., got {[e.edit_id for e in edits]}")
+        if len(edits) != 1 or not is_shared_edit_of(edits[0].edit_id, request.request_id):
+            raise ValueError(f"expected one shared edit for the request, got {len(edits)}")
         edit = edits[0]
         self.shared.residuals([edit])  # raises ValueError when it does not fit the model
-        self.state.add_edit(edit, request.request_id, node, self.shared.version)
+        self.state.add_edit(edit, request.request_id, node)
         return {
             "state": "done",
             "edit_id": edit.edit_id,

@@ -83,14 +83,14 @@ class DeletionServicer(deletion_pb2_grpc.DeletionServiceServicer):
             _abort(context, grpc.StatusCode.ALREADY_EXISTS, str(error))
         return deletion_pb2.SubmitDeletionResponse(
             request_id=record.request_id,
-            request=wire.request_to_proto(record, self.store.events(record.request_id)),
+            request=self._shown(record, grant),
         )
 
     def GetDeletion(  # noqa: N802
         self, request: deletion_pb2.GetDeletionRequest, context: grpc.ServicerContext
     ) -> deletion_pb2.DeletionRequest:
-        record = self._visible(request.request_id, context)
-        return wire.request_to_proto(record, self.store.events(record.request_id))
+        grant, record = self._visible(request.request_id, context)
+        return self._shown(record, grant)
 
     def ListDeletions(  # noqa: N802
         self, request: deletion_pb2.ListDeletionsRequest, context: grpc.ServicerContext
@@ -104,7 +104,7 @@ class DeletionServicer(deletion_pb2_grpc.DeletionServiceServicer):
         except InvalidDeletion as error:
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
         return deletion_pb2.ListDeletionsResponse(
-            requests=[wire.request_to_proto(r) for r in page.records],
+            requests=[wire.request_to_proto(r, details=grant.sees_fleet) for r in page.records],
             next_page_token=""
             if page.next_after is None
             else wire.encode_page_token(page.next_after),
@@ -113,7 +113,7 @@ class DeletionServicer(deletion_pb2_grpc.DeletionServiceServicer):
     def WatchDeletion(  # noqa: N802
         self, request: deletion_pb2.WatchDeletionRequest, context: grpc.ServicerContext
     ) -> Iterator[deletion_pb2.StatusChange]:
-        record = self._visible(request.request_id, context)
+        _, record = self._visible(request.request_id, context)
         if not self._watches.acquire(blocking=False):
             _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "too many watches; retry later")
         try:
@@ -136,7 +136,13 @@ class DeletionServicer(deletion_pb2_grpc.DeletionServiceServicer):
             _abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
         return grant
 
-    def _visible(self, request_id: str, context: grpc.ServicerContext) -> DeletionRecord:
+    def _shown(self, record: DeletionRecord, grant: Grant) -> deletion_pb2.DeletionRequest:
+        history = self.store.events(record.request_id)
+        return wire.request_to_proto(record, history, details=grant.sees_fleet)
+
+    def _visible(
+        self, request_id: str, context: grpc.ServicerContext
+    ) -> tuple[Grant, DeletionRecord]:
         """The caller's request `request_id`; NOT_FOUND for unknown and foreign ids alike."""
         grant = self._grant(context)
         if not request_id:
@@ -147,7 +153,7 @@ class DeletionServicer(deletion_pb2_grpc.DeletionServiceServicer):
             record = None
         if record is None or not grant.sees(record.app):
             _abort(context, grpc.StatusCode.NOT_FOUND, f"no deletion request {request_id!r}")
-        return record
+        return grant, record
 
 
 def serve(

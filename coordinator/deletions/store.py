@@ -49,7 +49,7 @@ from coordinator.deletions.tables import (
     DeletionSecretRow,
     DeletionTable,
 )
-from coordinator.state import _engine
+from coordinator.state import database_engine
 from shared.crypto import keyed_hash, new_key
 from shared.receipts import SignedReceipt, canonical_json, parse_body
 
@@ -102,7 +102,7 @@ class DeletionStore:
         self.url = url
         self.retry = retry or RetryPolicy()
         self.clock = clock
-        self.engine = _engine(url)
+        self.engine = database_engine(url)
         try:
             DeletionTable.metadata.create_all(self.engine)
         except DBAPIError:

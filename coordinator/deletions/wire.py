@@ -69,8 +69,9 @@ def change_to_proto(change: StatusChange) -> deletion_pb2.StatusChange:
 
 
 def request_to_proto(
-    record: DeletionRecord, history: Iterable[StatusChange] = ()
+    record: DeletionRecord, history: Iterable[StatusChange] = (), *, details: bool = False
 ) -> deletion_pb2.DeletionRequest:
+    """The request as the API shows it; its `details` (the fleet's side) only when asked."""
     message = deletion_pb2.DeletionRequest(
         request_id=record.request_id,
         app=record.app,
@@ -86,7 +87,7 @@ def request_to_proto(
         created_at=record.created_at,
         updated_at=record.updated_at,
         history=[change_to_proto(c) for c in history],
-        details_json=json.dumps(record.details, sort_keys=True),
+        details_json=json.dumps(record.details if details else {}, sort_keys=True),
     )
     if record.receipt is not None:
         message.receipt.body = record.receipt.body

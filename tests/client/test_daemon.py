@@ -70,6 +70,26 @@ def test_dropped_records_are_learned_saved_and_served(tmp_path: Path, config: Da
         assert any(v.abs().max() > 0 for k, v in learned.items() if "lora_B" in k)
 
 
+def test_records_stay_pending_until_the_served_export_has_learned_them(
+    tmp_path: Path, config: DaemonConfig
+) -> None:
+    # A caller that waits for 0 pending and then asks a question must get the new model's
+    # answer: while a burst's export is still being built, its records are pending.
+    pending_while_exporting: list[int] = []
+
+    class Watched(DeviceDaemon):
+        def _export(self, keep: int = 2) -> Path:
+            pending_while_exporting.append(self.pending())
+            return super()._export(keep)
+
+    data = DataDir(tmp_path)
+    with Watched(data, config) as daemon:
+        drop(data, "a", "ann", 3)
+        daemon.ingest_inbox()
+        daemon.train_burst()
+        assert pending_while_exporting == [0, 3] and daemon.pending() == 0
+
+
 def daemon_params():
     from client.inference import SamplingParams
 

@@ -144,3 +144,23 @@ def test_selectors_forget_only_the_chosen_records(tmp_path: Path, config: Daemon
         assert again.shared_edit is not None and torch.equal(
             again.shared_edit.u, answer.shared_edit.u
         )
+
+
+def test_a_subject_with_nothing_an_edit_could_remove_is_still_shredded(
+    tmp_path: Path, config: DaemonConfig
+) -> None:
+    # Free text without digits or answers: no position for an edit to act on. The request
+    # must still be carried out (the records shredded), not fail for good.
+    data = DataDir(tmp_path)
+    with learned(data, config) as daemon:
+        drop(data, [{"subject_id": "dora", "text": "Dora wrote a note about the weather."}])
+        daemon.ingest_inbox()
+        while daemon.train_burst() is not None:
+            pass
+        edits_before = [e.edit_id for e in daemon.model.shared_edits.edits]
+        answer = daemon.unlearn(subject_hash(daemon.salt, "dora"), "req-9")
+        assert answer.held and answer.records_deleted == 1 and answer.shared_edit is None
+        assert answer.measurements["edited"] == 0.0
+        assert [e.edit_id for e in daemon.model.shared_edits.edits] == edits_before
+        with pytest.raises(UnknownSubjectError):
+            daemon.store.delete_subject("dora")

@@ -1,10 +1,10 @@
-"""The drop folder: complete files are ingested once and filed away; bad ones are explained."""
+"""The drop folder: complete files are ingested once and removed; bad ones are explained."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from client.inbox import DONE, REJECTED, process_inbox
+from client.inbox import REJECTED, process_inbox
 from client.record_store import RecordStore
 
 
@@ -21,15 +21,15 @@ def test_files_are_ingested_once_and_bad_ones_rejected_with_reasons(tmp_path: Pa
             ("b.jsonl", False),
         ]
         assert store.count() == 1  # nothing of b, nothing of the unfinished c
-        assert (inbox / DONE / "a.jsonl").exists()
+        assert not (inbox / "a.jsonl").exists()  # no plain copy left beside the store
         assert (inbox / REJECTED / "b.jsonl").exists()
         assert "2:" in (inbox / REJECTED / "b.jsonl.errors").read_text()
         assert (inbox / "c.jsonl.part").exists()
         assert process_inbox(inbox, store) == []  # each file is processed once
 
         # The same name dropped again is a new file: ingested (its record is a
-        # duplicate, skipped) and filed beside the first, not over it.
+        # duplicate, skipped).
         (inbox / "a.jsonl").write_text('{"subject_id": "s1", "text": "hello"}\n')
         (again,) = process_inbox(inbox, store)
         assert again.report is not None and again.report.duplicates == 1
-        assert (inbox / DONE / "a.jsonl.1").exists() and store.count() == 1
+        assert store.count() == 1 and not (inbox / "a.jsonl").exists()

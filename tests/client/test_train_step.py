@@ -118,3 +118,19 @@ def test_a_bad_global_adapter_or_step_count_trains_nothing(device: DeviceModel) 
     with pytest.raises(ValueError, match="q_steps"):
         train_shared(device, global_state(device), EXAMPLES, 0, CONFIG, 0)
     assert all(torch.equal(before[k], v) for k, v in device.adapter_state(SHARED).items())
+
+
+def test_the_shared_adapter_trains_on_the_fleets_model_not_this_devices(
+    device: DeviceModel,
+) -> None:
+    # The fleet's objective is the loss of base + shared on every device's records: what
+    # this device's personal adapter knows must not change the update.
+    with_personal = step(device)
+    device.load_adapter_state(
+        PERSONAL, {k: torch.zeros_like(v) for k, v in device.adapter_state(PERSONAL).items()}
+    )
+    without_personal = step(device)
+    for key, value in with_personal.delta.items():
+        assert np.allclose(value, without_personal.delta[key], atol=1e-6)
+    # ... and the personal adapter is back in the served model afterwards.
+    assert PERSONAL in device.model.active_adapters

@@ -143,6 +143,24 @@ def test_the_deadline_aggregates_whoever_arrived_and_the_rest_come_late() -> Non
     assert applied == {2: 1, 3: 0} and policy.general == []
 
 
+def test_a_late_arrival_before_the_deadline_tick_closes_its_emptied_group() -> None:
+    # Seen on a real fleet: the deadline passed but no tick ran yet, and the late node was
+    # the group's last member with nothing arrived. The empty group must go (it has no
+    # speed to plan a new group by), and the late node gets work at once.
+    policy = FedCompass(CONFIG)
+    policy.nodes = {0, 1}
+    policy.speeds = {0: 1.0, 1: 3.0}
+    policy.groups = {
+        0: Group(0, expected=200.0, latest=250.0, training={0}, arrived=[]),
+        1: Group(1, expected=300.0, latest=350.0, training={1}, arrived=[]),
+    }
+    policy.group_of = {0: 0, 1: 1}
+    actions = policy.arrive(Arrival(1, 0, 0, 100, 100.0), 260.0)
+    assert [type(a) for a in actions] == [Dispatch] and actions[0].node == 0
+    assert 0 not in policy.groups or policy.groups[0].training == {0}
+    assert [a.update_id for a in policy.general] == [1]
+
+
 def test_a_node_that_leaves_does_not_hold_its_group() -> None:
     policy = FedCompass(CONFIG)
     policy.nodes = {0, 1, 2}

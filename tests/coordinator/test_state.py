@@ -3,6 +3,7 @@ transaction, a resumable run, damaged files refused."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,26 @@ def test_a_pending_update_survives_and_a_damaged_file_is_refused(tmp_path: Path)
     store.close()
 
 
+def test_closed_groups_stay_with_who_arrived_and_who_was_late(tmp_path: Path) -> None:
+    store = StateStore(f"sqlite:///{tmp_path / 'state.db'}", tmp_path / "files", "r")
+    store.start("fedcompass", {}, MODEL)
+    core = Coordinator(FedCompass(), MODEL, journal=store)
+    for node in range(3):
+        core.join(node, 0.0)
+    for node in range(3):
+        core.arrive(node, 0, ones(), 5, 100.0 + node)
+    [group] = store.groups()  # all three train for one group
+    first, *others = group.training
+    core.arrive(first, core.in_flight[first].version, ones(), 5, group.expected)
+    deadline = core.deadline()
+    assert deadline is not None
+    core.tick(deadline + 1.0)  # the others miss the group's latest arrival time
+    closed = next(g for g in store.groups() if g.group == group.group)
+    assert closed.closed_at == deadline + 1.0
+    assert closed.arrived == [first] and closed.late == others and closed.opened_at < 102.0
+    store.close()
+
+
 def test_flower_sized_node_ids_are_stored_and_read_back(tmp_path: Path) -> None:
     node = 2**64 - 12345  # Flower node ids use all 64 bits
     store = StateStore(f"sqlite:///{tmp_path / 'state.db'}", tmp_path / "files", "r")
@@ -108,3 +129,24 @@ def test_flower_sized_node_ids_are_stored_and_read_back(tmp_path: Path) -> None:
     saved = store.start("fedcompass", {}, MODEL)
     assert saved is not None and list(saved.in_flight) == [node]
     store.close()
+
+
+def test_an_older_database_is_upgraded_in_place(tmp_path: Path) -> None:
+    # A database written before the group timeline existed: the columns added since are
+    # put in place on open, and what it held is kept.
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    store = StateStore(url, tmp_path / "files", "r")
+    store.start("fedcompass", {}, MODEL)
+    store.close()
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        for column in ("opened_at", "closed_at", "late"):
+            db.execute(f"ALTER TABLE coordinator_groups DROP COLUMN {column}")
+        db.execute(
+            'INSERT INTO coordinator_groups (run, "group", expected, latest, training, arrived)'
+            " VALUES ('r', 7, 1.0, 2.0, '[1]', '[]')"
+        )
+    upgraded = StateStore(url, tmp_path / "files", "r")
+    [group] = upgraded.groups()
+    assert group.group == 7 and group.training == [1] and group.late is None
+    assert upgraded.start("fedcompass", {}, MODEL) is not None  # the run is still there
+    upgraded.close()

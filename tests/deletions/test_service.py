@@ -81,6 +81,22 @@ def test_submit_then_get_returns_the_stored_request(
     assert store.get(reply.request_id).subject_id == "notes:alice"
 
 
+def test_the_fleet_side_of_a_request_is_shown_to_operators_only(
+    stub: Stub, tokens: dict[str, str], store: DeletionStore
+) -> None:
+    rid = submit(stub, tokens["notes"], "notes:alice", "fleet").request_id
+    store.merge_detail(rid, {"targets": {"17": {"state": "asked"}}})
+    get = pb.GetDeletionRequest(request_id=rid)
+    app_view = stub.GetDeletion(get, metadata=bearer_metadata(tokens["notes"]))
+    ops_view = stub.GetDeletion(get, metadata=bearer_metadata(tokens["ops"]))
+    assert json.loads(app_view.details_json) == {}
+    assert json.loads(ops_view.details_json)["targets"] == {"17": {"state": "asked"}}
+    listed = stub.ListDeletions(
+        pb.ListDeletionsRequest(), metadata=bearer_metadata(tokens["notes"])
+    )
+    assert [json.loads(r.details_json) for r in listed.requests] == [{}]
+
+
 def test_the_same_idempotency_key_returns_the_first_request_or_conflicts(
     stub: Stub, tokens: dict[str, str], store: DeletionStore
 ) -> None:

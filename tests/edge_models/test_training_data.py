@@ -51,6 +51,15 @@ def test_batches_are_right_padded_and_cover_every_example_each_epoch() -> None:
     assert sorted(seen) == [10, 11, 12, 13, 14, 15]
 
 
+def test_the_rows_left_out_of_an_epoch_are_not_always_the_longest() -> None:
+    # Seven rows in batches of three: one row sits out each epoch, and it must not be the
+    # same one (the longest, once sorted) every time, or that row is never learned.
+    examples = encoded([1, 2, 3, 4, 5, 6, 40])
+    batches = padded_batches(examples, 3, 0, torch.Generator().manual_seed(0))
+    seen = {row for ids, _, _ in itertools.islice(batches, 2 * 10) for row in ids[:, 0].tolist()}
+    assert seen == set(range(10, 17))
+
+
 def test_batches_repeat_for_a_seed_and_differ_for_another() -> None:
     examples = encoded([3, 5, 2, 7, 4, 6, 1, 8])
 

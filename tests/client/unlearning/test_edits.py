@@ -83,6 +83,17 @@ def test_edits_travel_as_arrays_and_refuse_malformed_ones() -> None:
     bad[key] = np.full_like(bad[key], np.nan)
     with pytest.raises(ValueError, match="NaN"):
         edits_from_arrays(bad)
+    flat = dict(arrays)
+    flat[key] = flat[key][:, 0]
+    with pytest.raises(ValueError, match="matrix"):
+        edits_from_arrays(flat)
+
+
+def test_served_edits_carry_no_activations_of_the_forgotten_text() -> None:
+    edit = an_edit(8, 12, n=2)
+    served = edits_from_arrays(edits_to_arrays([edit.factors_only()]))[0]
+    assert served.keys.numel() == 0 and served.targets.numel() == 0
+    assert torch.equal(served.delta, edit.delta)  # what the model computes is unchanged
 
 
 def test_a_drifted_edit_is_re_solved_onto_its_targets() -> None:
