@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -366,17 +367,37 @@ def demo(
     data_dir: DataDirOption = None,
     device: DeviceOption = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the corpus and of training.")] = 0,
+    show_console: Annotated[
+        bool | None,
+        typer.Option(
+            "--console/--no-console",
+            help="Open the operator console (default: when run on a terminal).",
+        ),
+    ] = None,
+    summary_json: Annotated[
+        Path | None, typer.Option("--summary-json", help="Write the outcome here as JSON.")
+    ] = None,
 ) -> None:
-    """The main job: build the default model, ingest a device's records, answer with ONNX."""
-    from lethe.demo import run_demo
+    """The main job: a local fleet learns together, then forgets a person on request."""
+    from edge_models.default_model import BuildConfig
+    from lethe.demo import forgotten, fresh, run_printed, run_with_console
+    from lethe.fleet.local import FleetPlan
 
-    summary = run_demo(_data_dir(data_dir), console, device=device, seed=seed)
-    console.rule("done")
-    console.print(
-        f"model v{summary.model_version}; {summary.records_stored} encrypted records of "
-        f"{summary.subjects_stored} subjects; ONNX answered {summary.answered_correctly}"
-        f"/{summary.questions} questions correctly"
-    )
+    root = DataDir(data_dir or default_data_dir()).root / "fleet"
+    plan = FleetPlan(root, seed=seed, device=device, build=BuildConfig(seed=seed, device=device))
+    fresh(plan)
+    interactive = sys.stdout.isatty() if show_console is None else show_console
+    try:
+        outcome = run_with_console(plan, console) if interactive else run_printed(plan, console)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: every process the demo started was stopped")
+        raise typer.Exit(code=130) from None
+    except TimeoutError as error:
+        raise _fail(f"{error} (the processes' logs are in {root / 'logs'})") from error
+    if outcome is not None and summary_json is not None:
+        summary_json.write_text(json.dumps(dataclasses.asdict(outcome), indent=2) + "\n")
+    if outcome is None or not forgotten(outcome):
+        raise typer.Exit(code=1)
 
 
 @app.command("simulate")
@@ -691,6 +712,38 @@ def receipt_verify(
         raise _fail(f"receipt not valid: {exc}") from exc
     console.print_json(json.dumps(fields))
     err_console.print(f"valid receipt, signed by key {fields['key_id']}")
+
+
+@app.command("tui")
+def tui(
+    data_dir: DataDirOption = None,
+    state_url: Annotated[
+        str, typer.Option(help="Coordinator state URL (default: SQLite in DATA_DIR/coordinator).")
+    ] = "",
+    deletions_url: Annotated[
+        str, typer.Option(help="Deletion store URL (default: SQLite in DATA_DIR/coordinator).")
+    ] = "",
+    run: Annotated[str | None, typer.Option(help="Run to show (default: the newest).")] = None,
+    api_address: Annotated[
+        str, typer.Option(help="Deletion API to file new requests through (host:port).")
+    ] = DEFAULT_API_ADDRESS,
+    token: TokenOption = "",
+    tls_ca: TlsCaOption = None,
+    refresh: Annotated[float, typer.Option(help="Seconds between reads of the stores.")] = 0.5,
+) -> None:
+    """The operator console: the fleet, arrival groups, model metrics and deletion requests."""
+    from coordinator.console.app import ApiAccess, LetheConsole
+    from coordinator.console.source import StoreLocation, StoreSource
+
+    if refresh <= 0:
+        raise _fail("--refresh must be positive")
+    root = DataDir(data_dir or default_data_dir()).root
+    defaults = StoreLocation.in_data_dir(root, run)
+    location = StoreLocation(
+        state_url or defaults.state_url, deletions_url or defaults.deletions_url, run
+    )
+    api = ApiAccess(api_address, token, tls_ca) if token else None
+    LetheConsole(StoreSource(location), api, refresh_s=refresh).run()
 
 
 def main() -> None:

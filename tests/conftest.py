@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +16,7 @@ from client.learner import LearnerConfig
 from client.lora_training import LoraTrainConfig
 from edge_models.default_model import default_llama_config
 from edge_models.tokenizer import train_tokenizer
+from lethe.fleet.processes import BIN, ProcessGroup, free_port, wait_until
 
 SUBJECTS = ("alice", "bob", "the courier", "my neighbour", "a tired nurse", "the old baker")
 VERBS = ("paints", "repairs", "forgets", "carries", "borrows", "sells")
@@ -106,105 +100,12 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory):
         server.cleanup()
 
 
-class Processes:
-    """Real processes a test starts on loopback (each in its own process group, with its log in
-    the test's directory), all stopped at the end with everything they started in turn."""
+class Processes(ProcessGroup):
+    """The test's real processes (`lethe.fleet.processes`), logs in the test's directory."""
 
-    BIN = Path(sys.executable).parent
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.running: list[subprocess.Popen[bytes]] = []
-        self.env = {**os.environ, "PATH": f"{self.BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-
-    def start(self, name: str, *command: str, **env: str) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{name}.log").open("wb")
-        process = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**self.env, **env},
-            start_new_session=True,
-        )
-        self.running.append(process)
-        return process
-
-    def run(self, *command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            command, capture_output=True, text=True, timeout=timeout, env=self.env, check=False
-        )
-
-    def stop_all(self) -> None:
-        """SIGTERM every group (a SuperNode's ClientApp processes too), SIGKILL what lingers."""
-        for process in self.running:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        for process in self.running:
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-
-    def start_daemon(self, name: str, root: Path, *options: str) -> subprocess.Popen[bytes]:
-        """`lethe client run` on the data directory `root`, one training thread (three
-        daemons and Flower share two cores), CPU."""
-        command = ("client", "run", "--poll", "0.2", "--threads", "1", "--device", "cpu")
-        return self.start(
-            name, str(self.BIN / "lethe"), *command, *options, LETHE_DATA_DIR=str(root)
-        )
-
-    def start_superlink(self, port: int) -> subprocess.Popen[bytes]:
-        return self.start(
-            "superlink",
-            str(self.BIN / "flower-superlink"),
-            "--insecure",
-            "--disable-runtime-dependency-installation",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--database",
-            str(self.logs / "superlink.db"),
-        )
-
-    def start_supernode(self, name: str, port: int, node_config: str) -> subprocess.Popen[bytes]:
-        return self.start(
-            name,
-            str(self.BIN / "flower-supernode"),
-            "--insecure",
-            "--superlink",
-            f"127.0.0.1:{port}",
-            "--port",
-            str(self.free_port()),
-            "--node-config",
-            node_config,
-        )
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")
-
-    @staticmethod
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    @staticmethod
-    def wait_until(check: Callable[[], object], what: str, timeout: float) -> object:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                value = check()
-            except Exception:  # noqa: BLE001 (not up yet)
-                value = None
-            if value:
-                return value
-            time.sleep(0.5)
-        raise AssertionError(f"timed out waiting for {what}")
+    BIN = BIN
+    free_port = staticmethod(free_port)
+    wait_until = staticmethod(wait_until)
 
 
 @pytest.fixture

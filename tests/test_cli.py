@@ -107,20 +107,6 @@ def test_generate_answers_with_onnx_runtime(built_default_model, tmp_path: Path)
     assert bad.returncode == 1 and "top_p" in bad.stderr
 
 
-@pytest.mark.slow
-def test_demo_runs_end_to_end_on_a_stored_model(built_default_model, tmp_path: Path) -> None:
-    models_root, _, report = built_default_model
-    shutil.copytree(models_root, tmp_path / "models")
-    result = run("demo", data_dir=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "checksums verified" in result.stdout
-    assert "encrypted records" in result.stdout
-    assert "ONNX answered" in result.stdout
-    # The demo's questions are base facts, which the build learned.
-    answered = int(result.stdout.split("ONNX answered ")[1].split("/")[0])
-    assert answered >= 3, result.stdout
-
-
 def start_daemon(data_dir: Path) -> subprocess.Popen[str]:
     env = {**os.environ, "LETHE_DATA_DIR": str(data_dir)}
     return subprocess.Popen(

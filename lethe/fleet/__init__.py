@@ -1,0 +1,1 @@
+"""Running Lethe on this machine: real processes, started and stopped together."""
