@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from client.learner import LearnerConfig
 from client.lora_training import LoraTrainConfig
 from edge_models.default_model import default_llama_config
 from edge_models.tokenizer import train_tokenizer
-from lethe.fleet.processes import BIN, ProcessGroup, free_port, wait_until
 
 SUBJECTS = ("alice", "bob", "the courier", "my neighbour", "a tired nurse", "the old baker")
 VERBS = ("paints", "repairs", "forgets", "carries", "borrows", "sells")
@@ -98,22 +96,3 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory):
         yield server.get_uri()
     finally:
         server.cleanup()
-
-
-class Processes(ProcessGroup):
-    """The test's real processes (`lethe.fleet.processes`), logs in the test's directory."""
-
-    BIN = BIN
-    free_port = staticmethod(free_port)
-    wait_until = staticmethod(wait_until)
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    started = Processes(tmp_path)
-    try:
-        yield started
-    finally:
-        started.stop_all()
-    for process in started.running:
-        assert process.poll() is not None

@@ -280,7 +280,7 @@ class LetheConsole(App[None]):
         self.source = source
         self.api = api
         self.refresh_s = refresh_s
-        self.view = FleetView(taken_at=time.time(), problem="reading the stores...")
+        self.view = FleetView(taken_at=time.time())  # empty until the first read, in ms
         self.selected: str | None = None
 
     def compose(self) -> ComposeResult:
