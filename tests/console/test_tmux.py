@@ -49,6 +49,7 @@ def test_an_operator_browses_the_console_in_a_terminal(coordinator_dir: Path) ->
         keys(session, "4")
         wait_for(session, lambda s: "VERIFIED" in s and "FAILED" in s, "the deletion requests")
         keys(session, "/")
+        time.sleep(1.0)  # a person's pause: the search field takes focus, then the typing
         keys(session, "-l", "residual")
         shown = wait_for(
             session, lambda s: "edit residual" in s and "VERIFIED" not in s, "the search result"
