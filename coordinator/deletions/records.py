@@ -73,8 +73,9 @@ class DeletionRecord:
     """A deletion request as stored now.
 
     `subject_id` is the raw id, which the coordinator needs to find the
-    devices and records to erase; it is None once the request is VERIFIED
-    (the coordinator forgets it then). `subject_hash` is what receipts name.
+    devices and records to erase; it is None once the request has ended
+    (VERIFIED, or FAILED for good: the coordinator forgets it then).
+    `subject_hash` is what receipts name.
     `seq` is the last history entry's number. `reason` says why the request
     is FAILED, when it is.
     """

@@ -11,7 +11,7 @@ in other processes poll the history).
 
 Subject ids are hashed with a salt kept in the database (made on first use):
 receipts name the hash, which is meaningless without the salt; the raw id is
-kept only until the request is VERIFIED.
+kept only until the request ends (VERIFIED, or FAILED with no attempt left).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from coordinator.deletions.status import (
     RetryPolicy,
     Status,
     check_move,
+    is_final,
 )
 from coordinator.deletions.tables import (
     DeletionEventRow,
@@ -198,7 +199,8 @@ class DeletionStore:
         APPLIED_GLOBALLY -> VERIFIED; FAILED (with a `reason`) from any status
         before VERIFIED; FAILED -> RECEIVED retries while attempts remain (the
         next attempt is due after `RetryPolicy.delay`). VERIFIED needs the
-        receipt attached first, and forgets the raw subject id. `detail`
+        receipt attached first. A final move (VERIFIED, or FAILED with no
+        attempt left) forgets the raw subject id. `detail`
         (a JSON object) is recorded with the change; `expect` refuses the move
         (UnexpectedStatus) unless the request is in one of those statuses.
         """
@@ -226,7 +228,8 @@ class DeletionStore:
             if current is Status.FAILED:  # a retry
                 values["attempts"] = row.attempts + 1
                 values["next_attempt_at"] = now + self.retry.delay(row.attempts)
-            if target is Status.VERIFIED:
+            if is_final(target, values.get("attempts", row.attempts), row.max_attempts):
+                # Nothing more will be done with the raw id: only its keyed hash stays.
                 values["subject_id"] = None
             event = DeletionEventRow(
                 request_id=request_id,

@@ -23,8 +23,8 @@ class DeletionRow(DeletionTable, table=True):
     """One deletion request; `id` orders listings (stable, never reused).
 
     `subject_id` is the raw id: the coordinator needs it to find the records
-    and devices to erase. It is cleared when the request is VERIFIED, after
-    which only `subject_hash` (keyed by this database's salt) remains.
+    and devices to erase. It is cleared when the request ends (VERIFIED, or
+    FAILED for good), after which only `subject_hash` (keyed by this database's salt) remains.
     `body_digest` (keyed the same way) lets a repeated submission be matched
     against the first without keeping the id. `seq` is the number of the
     latest history entry. `version` counts changes of the row: every change

@@ -185,6 +185,7 @@ def test_failures_are_retried_after_growing_pauses_until_final(any_url: str) -> 
     store.transition(rid, Status.DISPATCHED)
     failed = store.transition(rid, Status.FAILED, reason="device d1 unreachable")
     assert failed.reason == "device d1 unreachable" and not failed.final
+    assert failed.subject_id == "notes:alice"  # the retry still needs it
     assert store.due(clock.now + 1e6) == ()  # a failed request waits for its retry
 
     retried = store.transition(rid, Status.RECEIVED)
@@ -200,6 +201,7 @@ def test_failures_are_retried_after_growing_pauses_until_final(any_url: str) -> 
     clock.now += 15
     final = store.transition(rid, Status.FAILED, reason="for good")
     assert final.final and final.reason == "for good"
+    assert final.subject_id is None and final.subject_hash == record.subject_hash
     with pytest.raises(IllegalTransition, match="failed for good after 3 of 3"):
         store.transition(rid, Status.RECEIVED)
     assert store.get(rid) == final
