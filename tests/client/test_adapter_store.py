@@ -196,13 +196,20 @@ SAVER_FACTORY = (
         root, name, config = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 
 
+        def report(*words):
+            # One write per line: a pipe write this small is atomic, so a kill never leaves
+            # half a line for the factory's next one to run into (print may write a line in
+            # pieces, e.g. with PYTHONUNBUFFERED set).
+            os.write(1, (" ".join(map(str, words)) + "\\n").encode())
+
+
         def save_forever(first_step):
-            print("pid", os.getpid(), flush=True)
+            report("pid", os.getpid())
             for step in itertools.count(first_step):
                 state = adapter_state(step)
-                print("begin", step, flush=True)
+                report("begin", step)
                 stored = save_adapter(root, name, state, config, {"step": step})
-                print("saved", step, stored.checksum, flush=True)
+                report("saved", step, stored.checksum)
 
 
         while line := sys.stdin.readline():
@@ -212,7 +219,7 @@ SAVER_FACTORY = (
                     save_forever(int(line))
                 finally:
                     os._exit(1)
-            print("died", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+            report("died", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
         """
     )
 )
