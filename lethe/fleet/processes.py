@@ -111,6 +111,7 @@ class ProcessGroup:
         one of ours started in a session of its own; SIGKILL what lingers."""
         ours = {process.pid for process in self.running}
         strays = _started_by(ours)
+        known = ours | strays  # a stray's own strays name it, even once it has gone
         for process in self.running:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
@@ -128,11 +129,14 @@ class ProcessGroup:
                 os.killpg(process.pid, signal.SIGKILL)
         # Flower's ServerApp process ignores SIGTERM: a short wait, then it is killed.
         patience = min(deadline, time.monotonic() + STRAY_GRACE_S)
-        while (strays := _started_by(ours)) and time.monotonic() < patience:
+        while (strays := _started_by(known)) and time.monotonic() < patience:
             time.sleep(0.2)
         for pid in strays:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        gone_by = time.monotonic() + STRAY_GRACE_S  # SIGKILL lands asynchronously
+        while any(_running(pid) for pid in strays) and time.monotonic() < gone_by:
+            time.sleep(0.05)
 
     def exited(self) -> list[tuple[str, int]]:
         """(command, exit code) of every process that has ended."""
@@ -143,19 +147,33 @@ class ProcessGroup:
         ]
 
 
-def _started_by(parents: set[int]) -> list[int]:
-    """Processes that name one of `parents` as `--parent-pid`: Flower's SuperLink and
-    SuperNodes start their ServerApp and SuperExec processes so, in sessions of their own,
-    where a group kill does not reach them. (Linux: read from /proc; elsewhere none.)"""
-    found = []
+def _running(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie waiting to be reaped does not)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def _started_by(parents: set[int]) -> set[int]:
+    """Processes that name one of `parents` as `--parent-pid`, and theirs in turn: Flower's
+    SuperLink starts a SuperExec so, which starts the ServerApp so, each in a session of
+    its own, where a group kill does not reach. (Linux: read from /proc; elsewhere none.)"""
+    named: dict[int, int] = {}  # pid -> the parent pid it names
     for entry in Path("/proc").glob("[0-9]*"):
         try:
             words = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
         for flag, value in itertools.pairwise(words):
-            if flag == b"--parent-pid" and value.isdigit() and int(value) in parents:
-                found.append(int(entry.name))
+            if flag == b"--parent-pid" and value.isdigit():
+                named[int(entry.name)] = int(value)
+    found: set[int] = set()
+    frontier = set(parents)
+    while frontier:
+        frontier = {pid for pid, parent in named.items() if parent in frontier} - found
+        found |= frontier
     return found
 
 
