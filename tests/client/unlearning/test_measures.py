@@ -100,16 +100,17 @@ def untrained_measures(untrained, tokenizer, trained_measures) -> ForgetMeasures
     )
 
 
-def brute_force_rank(
+def brute_force_ranks(
     model: LlamaForCausalLM,
     tokenizer: PreTrainedTokenizerFast,
     prefix: str,
-    secret: str,
     alphabet: str,
-) -> int:
-    """Score every candidate with one full teacher-forced pass each: the rank to match."""
+    length: int,
+) -> dict[str, int]:
+    """Score every candidate with one full teacher-forced pass each: the ranks to match
+    (1 + how many candidates score strictly better)."""
     prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
-    candidates = ["".join(c) for c in itertools.product(alphabet, repeat=len(secret))]
+    candidates = ["".join(c) for c in itertools.product(alphabet, repeat=length)]
     rows = []
     for candidate in candidates:
         ids = tokenizer(f"{prefix} {candidate}", add_special_tokens=False)["input_ids"]
@@ -119,8 +120,7 @@ def brute_force_rank(
             ([tokenizer.bos_token_id, *ids], [IGNORE_INDEX] * context + ids[len(prefix_ids) :])
         )
     scores, _ = encoded_log_probs(model, tokenizer.pad_token_id, rows)
-    target = scores[candidates.index(secret)]
-    return 1 + sum(s > target for c, s in zip(candidates, scores, strict=True) if c != secret)
+    return {c: 1 + int((scores > score).sum()) for c, score in zip(candidates, scores, strict=True)}
 
 
 def test_rouge_l_recall_is_the_reference_share_of_a_common_subsequence() -> None:
@@ -152,11 +152,12 @@ def test_exact_rank_matches_scoring_every_candidate_and_sampling_estimates_it(
     untrained, tokenizer
 ) -> None:
     assert FORGET.canary is not None
-    prefix, secret, alphabet = FORGET.canary.prefix, "3170", "0137"
-    expected = brute_force_rank(untrained, tokenizer, prefix, secret, alphabet)
-    # Precondition, checked: the secret must rank strictly inside the 256 candidates, so that
-    # a search that over- or under-counts better candidates gives a different rank below.
-    assert 1 < expected < 4**4, expected
+    prefix, alphabet = FORGET.canary.prefix, "0137"
+    ranks = brute_force_ranks(untrained, tokenizer, prefix, alphabet, 4)
+    # The secret is the candidate ranked nearest the middle of the 256, so that a search
+    # that over- or under-counts better candidates gives a different rank.
+    secret = min(ranks, key=lambda c: (abs(ranks[c] - 4**4 // 2), c))
+    expected = ranks[secret]
 
     exact = canary_exposure(untrained, tokenizer, prefix, secret, alphabet)
     estimated = canary_exposure(
@@ -189,7 +190,7 @@ def test_a_tokenizer_that_merges_digits_counts_each_candidate_once() -> None:
     torch.manual_seed(1)
     model = LlamaForCausalLM(default_llama_config(len(merging))).eval()
     for secret in ("0123", "3300"):
-        expected = brute_force_rank(model, merging, "my code is", secret, "0123")
+        expected = brute_force_ranks(model, merging, "my code is", "0123", 4)[secret]
         found = canary_exposure(model, merging, "my code is", secret, "0123")
         assert found.exact and found.rank == expected
 
