@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from client.device_channel import DeviceClient
+from coordinator.console.source import StoreLocation, StoreSource
 from coordinator.deletions.access import Scope, add_token
 from coordinator.deletions.client import DeletionClient, signed_receipt
 from coordinator.deletions.layout import ApiFiles
@@ -133,6 +134,7 @@ class LocalFleet:
         self.app_token = ""
         self.operator_token = ""
         self.subject, self.streams = fleet_records(plan)
+        self._state = StoreSource(StoreLocation.in_data_dir(plan.coordinator_dir, RUN_NAME))
         self._stop_feeding = threading.Event()
         self._feeder: threading.Thread | None = None
         # Device 0 holds the person: it gets all its records at once and learns them in one
@@ -151,6 +153,7 @@ class LocalFleet:
         if self._feeder is not None:
             self._feeder.join(timeout=5)
         self.processes.stop_all()
+        self._state.close()
 
     # -- bringing the fleet up ------------------------------------------------------------
 
@@ -294,16 +297,11 @@ class LocalFleet:
     # -- the story --------------------------------------------------------------------------
 
     def versions(self) -> int:
-        """The shared model's newest version (0 before the coordinator has written one)."""
-        database = self.plan.coordinator_dir / "coordinator" / "coordinator.db"
-        if not database.exists():
-            return 0
-        store = StateStore(f"sqlite:///{database}", database.parent, RUN_NAME)
-        try:
-            versions = store.versions()
-            return versions[-1].version if versions else 0
-        finally:
-            store.close()
+        """The shared model's newest version (0 before the coordinator has written one).
+
+        Read as the console reads: one read-only engine kept open, nothing created.
+        """
+        return self._state.read().version
 
     def knowledge(self) -> Knowledge:
         """What device 0 serves about the subject now (its ONNX export, greedy)."""
