@@ -427,7 +427,10 @@ class LetheConsole(App[None]):
         self._show_detail()
 
     def _show_detail(self) -> None:
-        detail = self._home.query_one("#detail", Static)
+        # A highlight queued while the app shuts down arrives after the panes are gone.
+        detail = next(iter(self._home.query("#detail").results(Static)), None)
+        if detail is None:
+            return
         request = next((d for d in self.view.deletions if d.request_id == self.selected), None)
         if request is None:
             detail.update(
