@@ -7,7 +7,10 @@ gets back the work to send (`Work`: node, steps, version and the model).
 One thread feeds it, so deadlines and arrivals cannot race.
 
 Every update is checked before the policy hears of it (`check_update`); a
-rejected one is logged and counted, nothing of it is applied. When a
+rejected one is logged and counted, nothing of it is applied. A node whose
+updates are rejected `quarantine_after` times in a row is quarantined: it
+leaves the policy, gets no more work in this run (the journal keeps that
+across restarts), and anything it still sends is rejected and counted. When a
 `Journal` is attached (the durable state store), everything one event did
 (the update accepted, the versions committed with the ids of the updates
 they applied, the policy's state, the work in flight) is handed to it as one
@@ -28,7 +31,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from coordinator.aggregation import UpdateLimits, UpdateRejected, apply_updates, check_update
+from coordinator.aggregation import (
+    RobustRule,
+    UpdateLimits,
+    UpdateRejected,
+    apply_updates,
+    check_update,
+)
 from coordinator.policy import Action, Aggregate, Arrival, Dispatch, Policy
 
 log = logging.getLogger(__name__)
@@ -88,6 +97,7 @@ class EventRecord:
     at: float = 0.0
     accepted: AcceptedUpdate | None = None
     rejected: tuple[int, int, str] | None = None  # node, version, reason
+    quarantined: int | None = None  # a node this event quarantined
     touched: set[int] = field(default_factory=set)  # nodes whose state the event changed
     commits: list[tuple[Committed, dict[str, np.ndarray]]] = field(default_factory=list)
     policy_state: dict[str, Any] = field(default_factory=dict)
@@ -104,6 +114,7 @@ class SavedState:
     in_flight: dict[int, InFlight]
     pending: dict[int, tuple[int, dict[str, np.ndarray]]]
     next_update_id: int
+    quarantined: frozenset[int] = frozenset()
 
 
 class Journal(Protocol):
@@ -127,12 +138,16 @@ class Coordinator:
         model: Mapping[str, np.ndarray],
         limits: UpdateLimits | None = None,
         journal: Journal | None = None,
+        rule: RobustRule | None = None,
     ) -> None:
         self.policy = policy
         self.model = {k: np.asarray(v, dtype=np.float32) for k, v in model.items()}
         self.template = self.model
         self.limits = limits or UpdateLimits()
+        self.rule = rule or RobustRule()
         self.journal = journal
+        self.strikes: dict[int, int] = {}  # rejections in a row, per node
+        self.quarantined: set[int] = set()
         self.in_flight: dict[int, InFlight] = {}
         self.pending: dict[int, tuple[int, dict[str, np.ndarray]]] = {}  # id -> (node, delta)
         self.history: list[Committed] = []
@@ -146,6 +161,8 @@ class Coordinator:
     # -- events -----------------------------------------------------------------
 
     def join(self, node: int, now: float) -> list[Work]:
+        if node in self.quarantined:
+            return []
         event = EventRecord(touched={node})
         return self._event(event, lambda: self.policy.join(node, now), now)
 
@@ -172,6 +189,8 @@ class Coordinator:
         started = time.perf_counter()
         flight = self.in_flight.get(node)
         try:
+            if node in self.quarantined:
+                raise UpdateRejected(f"node {node} is quarantined")
             checked = check_update(
                 delta,
                 self.template,
@@ -186,8 +205,9 @@ class Coordinator:
             log.warning("rejected update from node %d: %s", node, error)
             self.counters.busy_s += time.perf_counter() - started
             event = EventRecord(rejected=(node, version, str(error)), touched={node})
-            return self._event(event, lambda: [], now)
+            return self._event(event, lambda: self._strike(node, version, event, now), now)
         assert flight is not None  # check_update refused the update otherwise
+        self.strikes.pop(node, None)
         del self.in_flight[node]
         update_id = self._next_update
         self._next_update += 1
@@ -201,6 +221,24 @@ class Coordinator:
         )
         return self._event(event, lambda: self.policy.arrive(arrival, now), now)
 
+    def _strike(self, node: int, version: int, event: EventRecord, now: float) -> list[Action]:
+        """Count a rejection. A node that answered its work badly leaves the policy (the
+        runner lets it join again for new work); one with too many in a row is quarantined."""
+        if node in self.quarantined:
+            return []
+        self.strikes[node] = self.strikes.get(node, 0) + 1
+        limit = self.limits.quarantine_after
+        if limit and self.strikes[node] >= limit:
+            self.quarantined.add(node)
+            event.quarantined = node
+            log.warning("node %d quarantined after %d rejected updates in a row", node, limit)
+        flight = self.in_flight.get(node)
+        answered_its_work = flight is not None and flight.version == version
+        if not (answered_its_work or node in self.quarantined) or node not in self.policy.nodes:
+            return []  # a stray or replayed update: the node's real work is still out
+        self.in_flight.pop(node, None)
+        return self.policy.leave(node, now)
+
     # -- restart ----------------------------------------------------------------
 
     def restore(self, saved: SavedState) -> None:
@@ -210,6 +248,7 @@ class Coordinator:
         self.in_flight = dict(saved.in_flight)
         self.pending = dict(saved.pending)
         self._next_update = saved.next_update_id
+        self.quarantined = set(saved.quarantined)
 
     def reissue(self, now: float) -> list[Work]:
         """New work for every node whose work was in flight when the last process stopped."""
@@ -243,7 +282,7 @@ class Coordinator:
 
     def _aggregate(self, action: Aggregate, now: float) -> tuple[Committed, dict[str, np.ndarray]]:
         weighted = [(u.weight, self.pending[u.update_id][1]) for u in action.updates]
-        self.model = apply_updates(self.model, weighted)
+        self.model = apply_updates(self.model, weighted, self.rule)
         committed = Committed(
             version=action.version,
             at=now,

@@ -14,6 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+import numpy as np
+
+from coordinator.aggregation import RobustRule, UpdateLimits
 from coordinator.baselines import (
     FedAsync,
     FedAsyncConfig,
@@ -22,6 +25,7 @@ from coordinator.baselines import (
     FedBuff,
     FedBuffConfig,
 )
+from coordinator.core import Coordinator, Journal
 from coordinator.fedcompass import FedCompass, FedCompassConfig
 from coordinator.policy import Policy, Staleness
 
@@ -52,6 +56,9 @@ class RunConfig:
     # the run
     max_versions: int = 0  # 0: no limit
     max_norm: float = 50.0
+    quarantine_after: int = 3  # rejected updates in a row; 0: never quarantine
+    clip_norm: float = 0.0  # robust aggregation: clip each update's norm (0: off)
+    trim_fraction: float = 0.0  # robust aggregation: coordinate-wise trimmed mean (0: off)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -62,6 +69,8 @@ class RunConfig:
         if self.local_steps < 1 or self.buffer_size < 1 or self.max_versions < 0:
             raise ValueError("local_steps and buffer_size must be >= 1, max_versions >= 0")
         self.make_policy()  # each policy checks its own settings
+        self.update_limits()
+        self.robust_rule()
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -74,6 +83,20 @@ class RunConfig:
                 raise ValueError(f"unknown run config key {raw_key!r}; known keys: {known}")
             kwargs[key] = typed_value(raw_key, value, type(getattr(cls, key)))
         return cls(**kwargs)
+
+    def update_limits(self) -> UpdateLimits:
+        return UpdateLimits(self.max_norm, self.quarantine_after)
+
+    def robust_rule(self) -> RobustRule:
+        return RobustRule(self.clip_norm, self.trim_fraction)
+
+    def make_coordinator(
+        self, model: Mapping[str, np.ndarray], journal: Journal | None = None
+    ) -> Coordinator:
+        """The core this run config describes: its policy, checks and aggregation rule."""
+        return Coordinator(
+            self.make_policy(), model, self.update_limits(), journal, self.robust_rule()
+        )
 
     def make_policy(self) -> Policy:
         staleness = Staleness("polynomial", a=self.staleness_a)

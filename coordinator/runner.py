@@ -81,7 +81,7 @@ def run_wall_clock(
         if now - last_discovery >= config.discover_s:
             last_discovery = now
             connected = fleet.node_ids()
-            for node in sorted(connected - core.policy.nodes):
+            for node in sorted(connected - core.policy.nodes - core.quarantined):
                 if now - failed_at.get(node, -float("inf")) < config.rejoin_after_s:
                     continue
                 log.info("node %d joins", node)

@@ -34,7 +34,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from client.unlearning.edits import LayerEdit, edits_to_arrays
-from coordinator.core import Coordinator, Work
+from coordinator.core import Work
 from coordinator.deletions.propagation import Answer, Propagator
 from coordinator.run_config import RunConfig, typed_value
 from coordinator.runner import WallClockConfig, run_wall_clock
@@ -268,7 +268,7 @@ def run_virtual_on_grid(grid: Grid, settings: ServerSettings, config: RunConfig)
         "dirichlet_alpha": settings.dirichlet_alpha,
     }
     fleet = GridFleet(grid, settings.ttl_s, dict(enumerate(nodes)), workload)
-    core = Coordinator(config.make_policy(), task.initial_model())
+    core = config.make_coordinator(task.initial_model())
     speeds = draw_speeds(settings.speeds, len(nodes), settings.fleet_seed)
     clock = ClockConfig(budget=settings.budget, seed=settings.fleet_seed)
     return run_virtual(core, FlowerTransport(fleet, 0.005), speeds, task.accuracy, clock)
@@ -289,7 +289,7 @@ def run_deployment(grid: Grid, settings: ServerSettings, config: RunConfig) -> N
     model_dir = resolve_model(settings.model, settings.data().models)
     shared = SharedModel(SharedModelConfig(str(model_dir), settings.device))
     saved = store.start(config.policy, dataclasses.asdict(config), shared.initial_b())
-    core = Coordinator(config.make_policy(), shared.initial_b(), journal=store)
+    core = config.make_coordinator(shared.initial_b(), journal=store)
     if saved is not None:
         core.restore(saved)
         log.info("resumed run %r at version %d", settings.run_name, core.version)

@@ -133,6 +133,12 @@ class StateStore:
             },
             pending={u.update_id: (from_db(u.node), self._read(u.path, u.sha256)) for u in pending},
             next_update_id=row.next_update_id,
+            quarantined=frozenset(
+                from_db(n.node)
+                for n in session.exec(
+                    select(NodeRow).where(NodeRow.run == self.run, NodeRow.quarantined == True)  # noqa: E712
+                )
+            ),
         )
 
     # -- the journal --------------------------------------------------------------
@@ -232,6 +238,8 @@ class StateStore:
                 row.updates += 1
             if event.rejected is not None and event.rejected[0] == node:
                 row.rejected += 1
+            if event.quarantined == node:
+                row.quarantined = True
             session.add(row)
 
     def _groups(self, session: Session, event: EventRecord) -> None:

@@ -53,6 +53,7 @@ class NodeRow(StateTable, table=True):
     active: bool = True
     updates: int = 0
     rejected: int = 0
+    quarantined: bool | None = None  # True once it sent too many bad updates (added in 0.7)
 
 
 class GroupRow(StateTable, table=True):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -23,6 +23,7 @@ from shared.paths import DataDir, default_data_dir
 
 if TYPE_CHECKING:
     from coordinator.deletions.client import DeletionClient
+    from shared.flower_cli import FlowerConnection
 
 app = typer.Typer(
     help="Lethe: federated continual learning for edge devices that can also forget.",
@@ -45,6 +46,12 @@ DataDirOption = Annotated[
     typer.Option("--data-dir", help="Data directory (default: $LETHE_DATA_DIR or ~/.lethe)."),
 ]
 DeviceOption = Annotated[str, typer.Option(help="Compute device: auto, cpu, cuda or cuda:N.")]
+RootCertificatesOption = Annotated[
+    Path | None,
+    typer.Option(help="CA of the SuperLink's TLS (default: DATA_DIR/certs/ca.crt).", exists=True),
+]
+SuperLinkOption = Annotated[str, typer.Option(help="The SuperLink's address (host:port).")]
+DEFAULT_SUPERLINK = "127.0.0.1:9093"
 
 
 def _data_dir(path: Path | None) -> DataDir:
@@ -243,8 +250,24 @@ def client_run(
         int | None, typer.Option(help="At most this many steps per burst (default: 150).")
     ] = None,
     device: DeviceOption = "auto",
+    superlink: Annotated[
+        str | None,
+        typer.Option(help="Join the federation at this SuperLink (HOST:PORT) with a SuperNode."),
+    ] = None,
+    node_key: Annotated[
+        Path | None,
+        typer.Option(help="This device's private key (default: DATA_DIR/certs/node.key)."),
+    ] = None,
+    root_certificates: RootCertificatesOption = None,
+    insecure: Annotated[
+        bool, typer.Option(help="Plain HTTP to the SuperLink, no node key (tests).")
+    ] = False,
+    node_config: Annotated[
+        str, typer.Option(help="More SuperNode config, 'key=value ...' (TOML values).")
+    ] = "",
 ) -> None:
-    """The device daemon: ingest the inbox, learn continually, serve the local channel.
+    """The device daemon: ingest the inbox, learn continually, serve the local channel and,
+    with --superlink, take part in federated rounds through a SuperNode it keeps running.
 
     Runs until SIGINT or SIGTERM. Drop record files into DATA_DIR/device/inbox
     (write NAME.jsonl.part, then rename to NAME.jsonl).
@@ -256,6 +279,8 @@ def client_run(
     from client.daemon import DaemonConfig, DaemonError, DeviceDaemon
     from client.device_channel import socket_path
     from client.device_service import serve
+    from client.supernode import SuperNodeKeeper
+    from shared.flower_cli import parse_address
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if threads > 0:
@@ -263,6 +288,11 @@ def client_run(
 
         torch.set_num_threads(threads)
     paths = _data_dir(data_dir)
+    supernode = None
+    if superlink is not None:
+        supernode = _supernode_command(
+            superlink, node_key, root_certificates, insecure, node_config, paths
+        )
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -278,11 +308,47 @@ def client_run(
         err_console.print(
             f"device daemon ready: inbox {daemon.inbox}, local channel {socket_path(paths.device)}"
         )
+        keeper = None
+        if supernode is not None:
+            address = parse_address(superlink)
+            keeper = SuperNodeKeeper(supernode, address, paths.device / "supernode.log").start()
+            err_console.print(f"SuperNode for {superlink} started (log {keeper.log_path})")
         try:
             daemon.run(stop)
         finally:
+            if keeper is not None:
+                keeper.stop()
             server.stop(grace=5).wait()
     err_console.print("device daemon stopped")
+
+
+def _supernode_command(
+    superlink: str,
+    node_key: Path | None,
+    root_certificates: Path | None,
+    insecure: bool,
+    node_config: str,
+    paths: DataDir,
+) -> Callable[[int], list[str]]:
+    """The SuperNode's command line for a port, its files checked now (not at first start)."""
+    from shared.flower_cli import parse_address, supernode_command
+    from shared.pki import CertFiles, CertificateError
+
+    try:
+        parse_address(superlink)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    key = None
+    trusted = _trusted_ca(root_certificates, insecure, paths.root)
+    if not insecure:
+        key = node_key or CertFiles(paths.certs).directory / "node.key"
+        try:
+            CertFiles(paths.certs).require(key)
+        except CertificateError as exc:
+            message = f"{exc}; copy the node key from the coordinator's `lethe certs init`"
+            raise _fail(message) from exc
+    config = f"data-dir='{paths.root}' {node_config}".strip()
+    return lambda port: supernode_command(superlink, port, config, trusted, key)
 
 
 @bench_app.command("inference")
@@ -442,13 +508,18 @@ def simulate(
 
 @app.command("coordinator")
 def coordinator(
-    superlink: Annotated[str, typer.Option(help="The SuperLink's address (host:port).")] = (
-        "127.0.0.1:9093"
-    ),
-    insecure: Annotated[bool, typer.Option(help="Plain gRPC to the SuperLink (tests).")] = False,
-    root_certificates: Annotated[
-        Path | None, typer.Option(help="CA certificate of the SuperLink's TLS.")
+    listen: Annotated[
+        str | None,
+        typer.Option(help=f"Start a SuperLink on this HOST:PORT (default {DEFAULT_SUPERLINK})."),
     ] = None,
+    superlink: Annotated[
+        str | None, typer.Option(help="Use the SuperLink already running at this HOST:PORT.")
+    ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option(help="Plain HTTP and no SuperNode authentication (tests on loopback)."),
+    ] = False,
+    root_certificates: RootCertificatesOption = None,
     policy: Annotated[str, typer.Option(help="fedavg, fedasync, fedbuff or fedcompass.")] = (
         "fedcompass"
     ),
@@ -465,8 +536,10 @@ def coordinator(
     ] = None,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Submit Lethe's coordinator to a SuperLink and follow it until it ends."""
+    """Run Lethe's coordinator: start a SuperLink (TLS, SuperNode authentication with the keys
+    of DATA_DIR/certs) or reach one, submit the FedCompass run and follow it until it ends."""
     from coordinator.launch import CoordinatorLaunch, launch
+    from shared.pki import CertFiles, CertificateError
 
     paths = _data_dir(data_dir)
     settings = {
@@ -477,13 +550,17 @@ def coordinator(
         "state-url": state_url,
         "data-dir": str(paths.root),
     }
+    if superlink is None and listen is None:
+        listen = DEFAULT_SUPERLINK
+    certs = None if insecure else CertFiles(paths.certs)
     try:
         request = CoordinatorLaunch.create(
-            superlink, insecure, root_certificates, settings, run_config or [], paths.root
+            superlink, listen, certs, root_certificates, settings, run_config or [], paths.root
         )
-    except ValueError as exc:
+        code = launch(request)
+    except (ValueError, CertificateError, RuntimeError) as exc:
         raise _fail(str(exc)) from exc
-    raise typer.Exit(code=launch(request))
+    raise typer.Exit(code=code)
 
 
 # -- the deletion-request API and receipts -----------------------------------------------------
@@ -503,7 +580,12 @@ TokenOption = Annotated[
 ]
 TlsCaOption = Annotated[
     Path | None,
-    typer.Option(help="CA certificate of the API's TLS (default: plain gRPC).", exists=True),
+    typer.Option(
+        help="CA certificate of the API's TLS (default: DATA_DIR/certs/ca.crt).", exists=True
+    ),
+]
+InsecureClientOption = Annotated[
+    bool, typer.Option("--insecure", help="Plain gRPC, no TLS (a test API on loopback).")
 ]
 DEFAULT_API_ADDRESS = "127.0.0.1:50061"
 
@@ -517,37 +599,57 @@ def api_serve(
         typer.Option(help="SQLAlchemy URL (default: SQLite DATA_DIR/coordinator/deletions.db)."),
     ] = "",
     tls_cert: Annotated[
-        Path | None, typer.Option(help="TLS certificate chain (PEM).", exists=True, dir_okay=False)
+        Path | None,
+        typer.Option(
+            help="TLS certificate chain (default: DATA_DIR/certs/server.crt).", exists=True
+        ),
     ] = None,
     tls_key: Annotated[
-        Path | None, typer.Option(help="TLS private key (PEM).", exists=True, dir_okay=False)
+        Path | None,
+        typer.Option(help="TLS private key (default: DATA_DIR/certs/server.key).", exists=True),
     ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Plain gRPC, no TLS (tests on loopback only).")
+    ] = False,
     workers: Annotated[int, typer.Option(help="Threads serving calls.")] = 16,
+    rate: Annotated[float, typer.Option(help="Calls per second each token may sustain.")] = 100.0,
+    burst: Annotated[int, typer.Option(help="Calls each token may make at once.")] = 200,
 ) -> None:
-    """Serve the deletion-request API until SIGINT or SIGTERM."""
+    """Serve the deletion-request API (TLS, bearer tokens) until SIGINT or SIGTERM."""
     import signal
     import threading
 
     from coordinator.deletions.access import TokenFileError
     from coordinator.deletions.layout import ApiFiles
+    from coordinator.deletions.limits import RateLimit
     from coordinator.deletions.service import serve
     from coordinator.deletions.store import DeletionStore
+    from shared.pki import CertFiles, CertificateError
 
-    files = ApiFiles(_data_dir(data_dir).root)
-    if (tls_cert is None) != (tls_key is None):
-        raise _fail("give both --tls-cert and --tls-key, or neither")
+    paths = _data_dir(data_dir)
+    files = ApiFiles(paths.root)
     if not files.tokens.exists():
         raise _fail(f"no tokens file {files.tokens}; make a token with `lethe api token add`")
+    try:
+        limit = RateLimit(rate, burst)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
     tls = None
-    if tls_cert is not None and tls_key is not None:
-        tls = (tls_cert.read_bytes(), tls_key.read_bytes())
+    if not insecure:
+        certs = CertFiles(paths.certs)
+        cert, key = tls_cert or certs.server_cert, tls_key or certs.server_key
+        try:
+            certs.require(cert, key)
+        except CertificateError as exc:
+            raise _fail(str(exc)) from exc
+        tls = (cert.read_bytes(), key.read_bytes())
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     files.directory.mkdir(parents=True, exist_ok=True)
     with DeletionStore(state_url or files.url()) as store:
         try:
-            server = serve(store, address, files.tokens, tls=tls, workers=workers)
+            server = serve(store, address, files.tokens, tls=tls, workers=workers, rate_limit=limit)
         except (TokenFileError, OSError, RuntimeError) as exc:
             raise _fail(str(exc)) from exc
         err_console.print(f"deletion API listening on {address} ({'TLS' if tls else 'plain'})")
@@ -582,8 +684,68 @@ def api_token_add(
     print(token)
 
 
+@api_token_app.command("list")
+def api_token_list(data_dir: DataDirOption = None) -> None:
+    """The tokens the API accepts: id, app, scope, subjects, made when (never the token)."""
+    from datetime import UTC, datetime
+
+    from coordinator.deletions.access import TokenFileError, list_tokens
+    from coordinator.deletions.layout import ApiFiles
+
+    try:
+        entries = list_tokens(ApiFiles(_data_dir(data_dir).root).tokens)
+    except TokenFileError as exc:
+        raise _fail(str(exc)) from exc
+    table = Table("id", "app", "scope", "subjects", "created (UTC)")
+    for entry in entries:
+        made = entry.created_at
+        table.add_row(
+            entry.token_id,
+            entry.grant.app,
+            entry.grant.scope.value,
+            " ".join(entry.grant.subjects) or "(all)",
+            "" if made is None else datetime.fromtimestamp(made, UTC).strftime("%Y-%m-%d %H:%M"),
+        )
+    console.print(table)
+
+
+@api_token_app.command("revoke")
+def api_token_revoke(
+    token_id: Annotated[str, typer.Argument(help="The token's id (`lethe api token list`).")],
+    data_dir: DataDirOption = None,
+) -> None:
+    """Revoke a token: the running API refuses it from its next call."""
+    from coordinator.deletions.access import TokenFileError, revoke_token
+    from coordinator.deletions.layout import ApiFiles
+
+    try:
+        revoked = revoke_token(ApiFiles(_data_dir(data_dir).root).tokens, token_id)
+    except TokenFileError as exc:
+        raise _fail(str(exc)) from exc
+    err_console.print(f"revoked token {revoked.token_id} of app {revoked.grant.app!r}")
+
+
+def _trusted_ca(tls_ca: Path | None, insecure: bool, data_dir: Path | None) -> Path | None:
+    """The CA a client of a Lethe service trusts: given, or the data directory's; None only
+    with --insecure. Refused when there is none (no silent fall back to plain gRPC)."""
+    if insecure:
+        return None
+    if tls_ca is not None:
+        return tls_ca
+    from shared.pki import CertFiles, CertificateError
+
+    certs = CertFiles(DataDir(data_dir or default_data_dir()).certs)
+    try:
+        certs.require(certs.ca_cert)
+    except CertificateError as exc:
+        raise _fail(f"{exc}; or give --tls-ca") from exc
+    return certs.ca_cert
+
+
 @contextmanager
-def _api_client(address: str, token: str, tls_ca: Path | None) -> Iterator[DeletionClient]:
+def _api_client(
+    address: str, token: str, tls_ca: Path | None, insecure: bool, data_dir: Path | None
+) -> Iterator[DeletionClient]:
     """A client of the API for one command; a gRPC error becomes the command's error."""
     import grpc
 
@@ -591,7 +753,8 @@ def _api_client(address: str, token: str, tls_ca: Path | None) -> Iterator[Delet
 
     if not token:
         raise _fail("give --token or set LETHE_API_TOKEN")
-    certificates = None if tls_ca is None else tls_ca.read_bytes()
+    trusted = _trusted_ca(tls_ca, insecure, data_dir)
+    certificates = None if trusted is None else trusted.read_bytes()
     with DeletionClient(address, token, root_certificates=certificates) as client:
         try:
             yield client
@@ -611,6 +774,8 @@ def api_submit(
     address: AddressOption = DEFAULT_API_ADDRESS,
     token: TokenOption = "",
     tls_ca: TlsCaOption = None,
+    insecure: InsecureClientOption = False,
+    data_dir: DataDirOption = None,
 ) -> None:
     """Ask the coordinator to forget a subject (all records, or the selected ones)."""
     from coordinator.deletions.client import as_json
@@ -621,7 +786,7 @@ def api_submit(
         selectors = [RecordSelector(tuple(kind or ()), from_ts, to_ts)] if narrowed else []
     except InvalidDeletion as exc:
         raise _fail(str(exc)) from exc
-    with _api_client(address, token, tls_ca) as client:
+    with _api_client(address, token, tls_ca, insecure, data_dir) as client:
         request = client.submit(subject_id, idempotency_key, selectors)
     console.print_json(json.dumps(as_json(request)))
 
@@ -635,13 +800,15 @@ def api_get(
     address: AddressOption = DEFAULT_API_ADDRESS,
     token: TokenOption = "",
     tls_ca: TlsCaOption = None,
+    insecure: InsecureClientOption = False,
+    data_dir: DataDirOption = None,
 ) -> None:
     """Show a request: status, history, details and its receipt."""
     from coordinator.deletions.client import as_json, signed_receipt
     from shared.durable import atomic_write_bytes
     from shared.receipts import receipt_file_bytes
 
-    with _api_client(address, token, tls_ca) as client:
+    with _api_client(address, token, tls_ca, insecure, data_dir) as client:
         request = client.get(request_id)
     console.print_json(json.dumps(as_json(request)))
     if receipt_out is not None:
@@ -660,6 +827,8 @@ def api_list(
     address: AddressOption = DEFAULT_API_ADDRESS,
     token: TokenOption = "",
     tls_ca: TlsCaOption = None,
+    insecure: InsecureClientOption = False,
+    data_dir: DataDirOption = None,
 ) -> None:
     """List requests, oldest first (an app sees its own, an operator all)."""
     from coordinator.deletions.client import as_json
@@ -669,7 +838,7 @@ def api_list(
         wanted = deletion_pb2.Status.Value(status.upper()) if status else 0
     except ValueError as exc:
         raise _fail(f"unknown status {status!r}") from exc
-    with _api_client(address, token, tls_ca) as client:
+    with _api_client(address, token, tls_ca, insecure, data_dir) as client:
         page = client.list(wanted, page_size, page_token)
     shown = {
         "requests": [as_json(r) for r in page.requests],
@@ -684,13 +853,15 @@ def api_watch(
     address: AddressOption = DEFAULT_API_ADDRESS,
     token: TokenOption = "",
     tls_ca: TlsCaOption = None,
+    insecure: InsecureClientOption = False,
+    data_dir: DataDirOption = None,
 ) -> None:
     """Follow a request until it is VERIFIED (exit 0) or has failed for good (exit 1)."""
     from coordinator.deletions.client import as_json
     from shared.proto.lethe.v1 import deletion_pb2
 
     last = None
-    with _api_client(address, token, tls_ca) as client:
+    with _api_client(address, token, tls_ca, insecure, data_dir) as client:
         for change in client.watch(request_id):
             print(json.dumps(as_json(change), sort_keys=True), flush=True)
             last = change
@@ -714,6 +885,139 @@ def receipt_verify(
     err_console.print(f"valid receipt, signed by key {fields['key_id']}")
 
 
+# -- keys, certificates and device enrolment ---------------------------------------------------
+
+certs_app = typer.Typer(
+    help="The private CA, server certificates and node keys.", no_args_is_help=True
+)
+node_app = typer.Typer(help="Enrol and revoke devices at the SuperLink.", no_args_is_help=True)
+app.add_typer(certs_app, name="certs")
+app.add_typer(node_app, name="node")
+
+
+@certs_app.command("init")
+def certs_init(
+    host: Annotated[
+        list[str] | None,
+        typer.Option(help="A DNS name or IP the coordinator is reached at (repeatable)."),
+    ] = None,
+    node: Annotated[
+        list[str] | None, typer.Option(help="Make a key pair for this device (repeatable).")
+    ] = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Make DATA_DIR/certs: a CA (kept if it exists), a server certificate for the hosts and
+    loopback, and node keys. Copy ca.crt and a node's .key to its device; never ca.key."""
+    from datetime import UTC, datetime
+
+    from shared.pki import CertFiles, CertificateError, init_folder
+
+    files = CertFiles(_data_dir(data_dir).certs)
+    try:
+        written = init_folder(files, host or [], node or [], datetime.now(UTC))
+    except CertificateError as exc:
+        raise _fail(str(exc)) from exc
+    for path in written:
+        err_console.print(f"wrote {path}")
+    if not written:
+        err_console.print(f"{files.directory} already has everything asked for")
+
+
+def _flower_connection(
+    superlink: str, insecure: bool, root_certificates: Path | None, data_dir: Path | None
+) -> tuple[FlowerConnection, Path]:
+    """A `flwr` connection to the SuperLink and the Flower home to run it from."""
+    from shared.flower_cli import FlowerConnection
+
+    trusted = None if insecure else _trusted_ca(root_certificates, False, data_dir)
+    try:
+        connection = FlowerConnection(superlink, trusted)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    return connection, _data_dir(data_dir).root / "coordinator" / "flwr-home"
+
+
+InsecureFlowerOption = Annotated[
+    bool, typer.Option("--insecure", help="The SuperLink runs without TLS (tests).")
+]
+
+
+@node_app.command("register")
+def node_register(
+    node: Annotated[
+        str, typer.Argument(help="A node name from `lethe certs init --node`, or a .pub file.")
+    ],
+    superlink: SuperLinkOption = DEFAULT_SUPERLINK,
+    insecure: InsecureFlowerOption = False,
+    root_certificates: RootCertificatesOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Enrol a device's public key: the SuperLink admits its SuperNode from now on."""
+    from shared.flower_cli import register_node
+    from shared.pki import CertFiles, CertificateError
+
+    key = Path(node)
+    if not key.is_file():
+        try:
+            key = CertFiles(_data_dir(data_dir).certs).node_public_key(node)
+        except CertificateError as exc:
+            raise _fail(str(exc)) from exc
+        if not key.is_file():
+            raise _fail(f"no public key {key}; run `lethe certs init --node {node}`")
+    connection, home = _flower_connection(superlink, insecure, root_certificates, data_dir)
+    try:
+        node_id = register_node(connection, home, key, name=key.stem)
+    except RuntimeError as exc:
+        raise _fail(str(exc)) from exc
+    err_console.print(f"node {key.stem} registered as Flower node {node_id}")
+    print(node_id)
+
+
+@node_app.command("revoke")
+def node_revoke(
+    node_id: Annotated[int, typer.Argument(help="The Flower node id (`lethe node list`).")],
+    superlink: SuperLinkOption = DEFAULT_SUPERLINK,
+    insecure: InsecureFlowerOption = False,
+    root_certificates: RootCertificatesOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Unregister a device: the SuperLink refuses its SuperNode from its next call on."""
+    from shared.flower_cli import revoke_node
+
+    connection, home = _flower_connection(superlink, insecure, root_certificates, data_dir)
+    try:
+        revoke_node(connection, home, node_id)
+    except RuntimeError as exc:
+        raise _fail(str(exc)) from exc
+    err_console.print(f"node {node_id} revoked")
+
+
+@node_app.command("list")
+def node_list(
+    superlink: SuperLinkOption = DEFAULT_SUPERLINK,
+    insecure: InsecureFlowerOption = False,
+    root_certificates: RootCertificatesOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """The SuperLink's nodes: id, name, status."""
+    from shared.flower_cli import list_nodes
+
+    connection, home = _flower_connection(superlink, insecure, root_certificates, data_dir)
+    try:
+        nodes = list_nodes(connection, home)
+    except RuntimeError as exc:
+        raise _fail(str(exc)) from exc
+    table = Table("node id", "name", "status", "online at")
+    for entry in nodes:
+        table.add_row(
+            str(entry.get("node-id", "")),
+            str(entry.get("name", "") or entry.get("owner-name", "")),
+            str(entry.get("status", "")),
+            str(entry.get("online-at", "")),
+        )
+    console.print(table)
+
+
 @app.command("tui")
 def tui(
     data_dir: DataDirOption = None,
@@ -729,6 +1033,7 @@ def tui(
     ] = DEFAULT_API_ADDRESS,
     token: TokenOption = "",
     tls_ca: TlsCaOption = None,
+    insecure: InsecureClientOption = False,
     refresh: Annotated[float, typer.Option(help="Seconds between reads of the stores.")] = 0.5,
 ) -> None:
     """The operator console: the fleet, arrival groups, model metrics and deletion requests."""
@@ -742,7 +1047,9 @@ def tui(
     location = StoreLocation(
         state_url or defaults.state_url, deletions_url or defaults.deletions_url, run
     )
-    api = ApiAccess(api_address, token, tls_ca) if token else None
+    api = None
+    if token:
+        api = ApiAccess(api_address, token, _trusted_ca(tls_ca, insecure, data_dir))
     LetheConsole(StoreSource(location), api, refresh_s=refresh).run()
 
 

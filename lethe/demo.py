@@ -136,7 +136,7 @@ def run_with_console(plan: FleetPlan, console: Console) -> Outcome | None:
         fleet.start()
         app = LetheConsole(
             StoreSource(StoreLocation.in_data_dir(plan.coordinator_dir)),
-            ApiAccess(fleet.api_address, fleet.operator_token),
+            ApiAccess(fleet.api_address, fleet.operator_token, fleet.certs.ca_cert),
         )
 
         def tell(stage: str, message: str, **style: object) -> None:

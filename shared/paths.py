@@ -37,6 +37,11 @@ class DataDir:
         return self.root / "device"
 
     @property
+    def certs(self) -> Path:
+        """The CA, server certificate and node keys (`shared.pki`, `lethe certs init`)."""
+        return self.root / "certs"
+
+    @property
     def record_db(self) -> Path:
         return self.device / "records.db"
 

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from shared.durable import atomic_write_bytes
+from shared.pki import private_key_pem
 from shared.records import _no_nan, _object_without_duplicates
 
 FORMAT = "lethe-receipt/1"
@@ -82,11 +83,7 @@ def generate_signing_key(path: Path) -> Ed25519PrivateKey:
     if path.exists():
         raise ReceiptError(f"signing key {path} exists; receipts already issued name it")
     key = Ed25519PrivateKey.generate()
-    private_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+    private_pem = private_key_pem(key)
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )

@@ -183,6 +183,7 @@ def _node(row: NodeRow) -> NodeView:
         last_seen=row.last_seen,
         updates=row.updates,
         rejected=row.rejected,
+        quarantined=bool(row.quarantined),
     )
 
 

@@ -32,8 +32,11 @@ class NodeView:
     last_seen: float
     updates: int
     rejected: int
+    quarantined: bool = False
 
     def status(self, now: float) -> str:
+        if self.quarantined:
+            return "quarantined"
         if not self.active:
             return "gone"
         if self.steps is None:

@@ -25,6 +25,7 @@ import re
 import secrets
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -33,6 +34,7 @@ from typing import Any
 
 import grpc
 
+from coordinator.deletions.limits import RateLimiter
 from shared.auth import _SCHEME, HEADER
 from shared.durable import atomic_write_bytes, exclusive_lock
 
@@ -93,8 +95,20 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def load_grants(path: Path) -> dict[str, Grant]:
-    """The grants in a tokens file, by token digest."""
+TOKEN_ID_CHARS = 12  # a token's public handle: the start of its sha256
+
+
+@dataclass(frozen=True)
+class TokenEntry:
+    """One line of the tokens file, as `lethe api token list` shows it (never the token)."""
+
+    token_id: str
+    grant: Grant
+    created_at: float | None
+
+
+def _read_entries(path: Path) -> dict[str, TokenEntry]:
+    """The tokens file's entries, by token digest; refused when others could read it."""
     try:
         mode = path.stat().st_mode
         text = path.read_text(encoding="utf-8")
@@ -103,18 +117,51 @@ def load_grants(path: Path) -> dict[str, Grant]:
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise TokenFileError(f"tokens file {path} is open to other users; chmod 600 it")
     try:
-        entries = json.loads(text)["tokens"]
-        grants = {
-            str(entry["sha256"]): Grant(
-                app=entry["app"], scope=Scope(entry["scope"]), subjects=tuple(entry["subjects"])
+        entries = {
+            str(entry["sha256"]): TokenEntry(
+                token_id=str(entry["sha256"])[:TOKEN_ID_CHARS],
+                grant=Grant(
+                    app=entry["app"],
+                    scope=Scope(entry["scope"]),
+                    subjects=tuple(entry["subjects"]),
+                ),
+                created_at=entry.get("created_at"),
             )
-            for entry in entries
+            for entry in json.loads(text)["tokens"]
         }
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise TokenFileError(f"tokens file {path} is malformed: {error}") from error
-    if not all(re.fullmatch(r"[0-9a-f]{64}", digest) for digest in grants):
+    if not all(re.fullmatch(r"[0-9a-f]{64}", digest) for digest in entries):
         raise TokenFileError(f"tokens file {path}: every sha256 must be 64 hex digits")
-    return grants
+    return entries
+
+
+def _write_entries(path: Path, entries: dict[str, TokenEntry]) -> None:
+    document = {
+        "tokens": [
+            {
+                "sha256": digest,
+                "app": entry.grant.app,
+                "scope": entry.grant.scope.value,
+                "subjects": list(entry.grant.subjects),
+                "created_at": entry.created_at,
+            }
+            for digest, entry in entries.items()
+        ]
+    }
+    atomic_write_bytes(path, (json.dumps(document, indent=2) + "\n").encode(), mode=0o600)
+
+
+def load_grants(path: Path) -> dict[str, Grant]:
+    """The grants in a tokens file, by token digest."""
+    return {digest: entry.grant for digest, entry in _read_entries(path).items()}
+
+
+def list_tokens(path: Path) -> list[TokenEntry]:
+    """The tokens file's entries, oldest first (a missing file lists none)."""
+    if not path.exists():
+        return []
+    return sorted(_read_entries(path).values(), key=lambda entry: entry.created_at or 0.0)
 
 
 def add_token(path: Path, app: str, scope: Scope, subjects: Sequence[str] = ()) -> str:
@@ -124,23 +171,29 @@ def add_token(path: Path, app: str, scope: Scope, subjects: Sequence[str] = ()) 
     """
     grant = Grant(app=app, scope=Scope(scope), subjects=tuple(subjects))
     token = secrets.token_urlsafe(32)
+    digest = token_digest(token)
     path.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(path.parent):
-        grants = load_grants(path) if path.exists() else {}
-        grants[token_digest(token)] = grant
-        document = {
-            "tokens": [
-                {
-                    "sha256": digest,
-                    "app": g.app,
-                    "scope": g.scope.value,
-                    "subjects": list(g.subjects),
-                }
-                for digest, g in grants.items()
-            ]
-        }
-        atomic_write_bytes(path, (json.dumps(document, indent=2) + "\n").encode(), mode=0o600)
+        entries = _read_entries(path) if path.exists() else {}
+        entries[digest] = TokenEntry(digest[:TOKEN_ID_CHARS], grant, round(time.time(), 3))
+        _write_entries(path, entries)
     return token
+
+
+def revoke_token(path: Path, token_id: str) -> TokenEntry:
+    """Remove the token whose id is `token_id`; a running API refuses it from the next call."""
+    if not re.fullmatch(rf"[0-9a-f]{{{TOKEN_ID_CHARS}}}", token_id):
+        raise TokenFileError(f"a token id is {TOKEN_ID_CHARS} hex digits, got {token_id!r}")
+    with exclusive_lock(path.parent):
+        entries = _read_entries(path)
+        matches = [digest for digest, entry in entries.items() if entry.token_id == token_id]
+        if not matches:
+            raise TokenFileError(f"no token with id {token_id} in {path}")
+        if len(matches) > 1:  # two digests sharing 48 bits: never seen, but never guess
+            raise TokenFileError(f"token id {token_id} is ambiguous; edit {path} by hand")
+        revoked = entries.pop(matches[0])
+        _write_entries(path, entries)
+    return revoked
 
 
 class TokenRegistry:
@@ -168,10 +221,17 @@ class TokenRegistry:
 
     def from_metadata(self, metadata: Iterable[tuple[str, Any]] | None) -> Grant | None:
         """The grant of the bearer token in a call's metadata, or None."""
+        caller = self.caller(metadata)
+        return None if caller is None else caller[1]
+
+    def caller(self, metadata: Iterable[tuple[str, Any]] | None) -> tuple[str, Grant] | None:
+        """(token digest, grant) of the bearer token in a call's metadata, or None."""
         sent = str(dict(metadata or ()).get(HEADER, ""))
         if not sent.startswith(_SCHEME):
             return None
-        return self.grant(sent.removeprefix(_SCHEME))
+        token = sent.removeprefix(_SCHEME)
+        grant = self.grant(token)
+        return None if grant is None else (token_digest(token), grant)
 
     def _file_stamp(self) -> tuple[int, ...] | None:
         """What changes when the file is rewritten, replaced or chmod-ed (ctime, mode)."""
@@ -184,10 +244,12 @@ class TokenRegistry:
 
 class AccessInterceptor(grpc.ServerInterceptor):
     """Ends every call to a service outside OPEN_SERVICES with UNAUTHENTICATED unless its
-    bearer token is in the registry, before any handler runs."""
+    bearer token is in the registry, and with RESOURCE_EXHAUSTED when the token has spent
+    its rate limit, before any handler runs."""
 
-    def __init__(self, registry: TokenRegistry) -> None:
+    def __init__(self, registry: TokenRegistry, limiter: RateLimiter) -> None:
         self.registry = registry
+        self.limiter = limiter
 
     def intercept_service(
         self,
@@ -198,16 +260,29 @@ class AccessInterceptor(grpc.ServerInterceptor):
         service = handler_call_details.method.lstrip("/").rpartition("/")[0]
         if handler is None or service in OPEN_SERVICES:
             return handler
-        if self.registry.from_metadata(handler_call_details.invocation_metadata) is None:
-            return _refusal(handler)
+        caller = self.registry.caller(handler_call_details.invocation_metadata)
+        if caller is None:
+            return _refusal(
+                handler, grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token"
+            )
+        if not self.limiter.allow(caller[0]):
+            limit = self.limiter.limit
+            return _refusal(
+                handler,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"rate limit of this token ({limit.rate:g}/s, bursts of {limit.burst}); "
+                "retry later",
+            )
         return handler
 
 
-def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _refusal(
+    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
+) -> grpc.RpcMethodHandler:
     """A handler of the same streaming shape as `handler` that refuses the call."""
 
     def refuse(_request: Any, context: grpc.ServicerContext) -> None:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
+        context.abort(code, message)
 
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(refuse)

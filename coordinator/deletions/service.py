@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 from coordinator.deletions import wire
 from coordinator.deletions.access import AccessInterceptor, Grant, TokenRegistry
+from coordinator.deletions.limits import RateLimit, RateLimiter
 from coordinator.deletions.records import DeletionRecord, InvalidDeletion, check_submission
 from coordinator.deletions.status import is_final
 from coordinator.deletions.store import DeletionStore, IdempotencyConflict, UnknownRequest
@@ -164,14 +165,16 @@ def serve(
     tls: tuple[bytes, bytes] | None = None,
     workers: int = 16,
     poll_s: float = POLL_S,
+    rate_limit: RateLimit | None = None,
 ) -> grpc.Server:
     """Start the API on `address` (host:port) with the tokens file `tokens`; returns the
-    running server, which the caller stops. `tls` is (certificate chain PEM, private key PEM).
+    running server, which the caller stops. `tls` is (certificate chain PEM, private key PEM);
+    `rate_limit` applies to each token separately.
     """
     registry = TokenRegistry(tokens)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deletion-api"),
-        interceptors=[AccessInterceptor(registry)],
+        interceptors=[AccessInterceptor(registry, RateLimiter(rate_limit or RateLimit()))],
         options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
     )
     servicer = DeletionServicer(store, registry, poll_s=poll_s, max_watches=max(1, workers // 2))

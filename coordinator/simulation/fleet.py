@@ -13,7 +13,7 @@ from functools import cache
 
 import numpy as np
 
-from coordinator.core import Coordinator, Work
+from coordinator.core import Work
 from coordinator.run_config import RunConfig
 from coordinator.simulation.clock import (
     ClockConfig,
@@ -75,7 +75,7 @@ class ClientTrainer:
 
 def run_in_process(run: RunConfig, spec: FleetSpec) -> VirtualResult:
     task = Task.create(spec.seed)
-    coordinator = Coordinator(run.make_policy(), task.initial_model())
+    coordinator = run.make_coordinator(task.initial_model())
     transport = InProcessTransport(ClientTrainer(task, spec.clients, spec.dirichlet_alpha))
     return run_virtual(coordinator, transport, spec.speed_list(), task.accuracy, spec.clock())
 

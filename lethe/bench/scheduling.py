@@ -85,7 +85,6 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.core import Coordinator
 from coordinator.run_config import RunConfig, toml_assignments
 from coordinator.simulation.clock import SPEED_DISTRIBUTIONS, InProcessTransport, run_virtual
 from coordinator.simulation.fleet import ClientTrainer, FleetSpec, run_in_process
@@ -198,7 +197,7 @@ def _journal_overhead(config: RunConfig) -> float:
     with tempfile.TemporaryDirectory() as directory:
         store = StateStore(f"sqlite:///{directory}/state.db", Path(directory), "bench")
         store.start(config.policy, dataclasses.asdict(config), task.initial_model())
-        core = Coordinator(config.make_policy(), task.initial_model(), journal=store)
+        core = config.make_coordinator(task.initial_model(), journal=store)
         trainer = InProcessTransport(ClientTrainer(task, spec.clients, spec.dirichlet_alpha))
         result = run_virtual(core, trainer, spec.speed_list(), task.accuracy, spec.clock())
         store.close()

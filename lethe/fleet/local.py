@@ -1,9 +1,11 @@
 """A whole Lethe fleet on this machine, and the story the demo tells with it.
 
-`LocalFleet.start` brings up, as separate processes on loopback: a Flower
-SuperLink, three device daemons (`lethe client run`) each behind a Flower
-SuperNode with its own artificial slowdown, `lethe coordinator` running
-FedCompass, and the deletion API (`lethe api serve`). A feeder thread streams
+`LocalFleet.start` brings up, as separate processes on loopback and secured
+as in production (a private CA from `shared.pki`, TLS everywhere, SuperNode
+authentication): three device daemons (`lethe client run`) each keeping a
+Flower SuperNode with its own artificial slowdown, `lethe coordinator` with
+the SuperLink it starts and FedCompass, the devices enrolled with `lethe node
+register`, and the deletion API (`lethe api serve`). A feeder thread streams
 each device's synthetic records into its inbox a few at a time, as a user's
 apps would. `LocalFleet.forget_someone` then waits for a few versions of the
 shared model, asks device 0 what it knows about one of its people (one with a
@@ -19,10 +21,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +40,11 @@ from edge_models.corpus import Subject, build_corpus, device_stream, fact_pairs,
 from edge_models.default_model import DEFAULT_MODEL_NAME, BuildConfig, build_default_model
 from edge_models.evaluation import normalise_answer
 from edge_models.model_store import ModelStoreError, current, verify
-from lethe.fleet.processes import BIN, ProcessGroup, free_port, wait_until
+from lethe.fleet.processes import BIN, ProcessGroup, wait_until
+from shared.flower_cli import free_port, parse_address
 from shared.holdings import subject_hash
+from shared.paths import DataDir
+from shared.pki import CertFiles, init_folder
 from shared.proto.lethe.v1 import deletion_pb2
 from shared.receipts import ReceiptError, load_public_key, public_key_path, verify_receipt
 
@@ -131,6 +138,8 @@ class LocalFleet:
         self.say = say
         self.processes = ProcessGroup(plan.root / "logs")
         self.api_address = f"127.0.0.1:{free_port()}"
+        self.superlink = f"127.0.0.1:{free_port()}"
+        self.certs = CertFiles(DataDir(plan.coordinator_dir).certs)
         self.app_token = ""
         self.operator_token = ""
         self.subject, self.streams = fleet_records(plan)
@@ -160,6 +169,8 @@ class LocalFleet:
     def start(self) -> None:
         plan = self.plan
         models = self._model()
+        nodes = [f"device{index}" for index in range(len(plan.slowdowns))]
+        init_folder(self.certs, [], nodes, datetime.now(UTC))
         for index, slowdown in enumerate(plan.slowdowns):
             root = plan.device_dir(index)
             if not (root / "models").exists():
@@ -174,8 +185,13 @@ class LocalFleet:
                 if index == 0
                 else ()
             )
+            federation = (
+                *("--superlink", self.superlink, "--node-config", f"slowdown={slowdown}"),
+                *("--node-key", str(self.certs.node_key(nodes[index]))),
+                *("--root-certificates", str(self.certs.ca_cert)),
+            )
             self.processes.start_daemon(
-                f"daemon{index}", root, *burst, device=plan.device, poll_s=0.5
+                f"daemon{index}", root, *burst, *federation, device=plan.device, poll_s=0.5
             )
             self.say("devices", f"device {index} started (slowdown x{slowdown:g})")
         for index in range(len(plan.slowdowns)):
@@ -185,12 +201,6 @@ class LocalFleet:
         # model that knows the person.
         self.say("devices", "device 0 learns its records (one long burst)")
         wait_until(self._learned, "device 0 to learn its first records", plan.time_limit_s, 1.0)
-        port = free_port()
-        self.processes.start_superlink(port)
-        for index, slowdown in enumerate(plan.slowdowns):
-            config = f"data-dir='{plan.device_dir(index)}' slowdown={slowdown}"
-            self.processes.start_supernode(f"supernode{index}", port, config)
-        self.say("flower", f"SuperLink on 127.0.0.1:{port}, {len(plan.slowdowns)} SuperNodes")
         coordinator = plan.coordinator_dir
         if not (coordinator / "models").exists():
             shutil.copytree(models, coordinator / "models")
@@ -208,13 +218,14 @@ class LocalFleet:
             "--address",
             self.api_address,
         )
+        # `lethe coordinator` starts the SuperLink (TLS, SuperNode authentication); the
+        # devices' SuperNodes join once their keys are registered.
         self.processes.start(
             "coordinator",
             str(BIN / "lethe"),
             "coordinator",
-            "--superlink",
-            f"127.0.0.1:{port}",
-            "--insecure",
+            "--listen",
+            self.superlink,
             "--policy",
             "fedcompass",
             "--run-name",
@@ -231,6 +242,17 @@ class LocalFleet:
             f"device='{plan.device}'",
         )
         self.say("coordinator", f"FedCompass coordinator and deletion API on {self.api_address}")
+        host, port = parse_address(self.superlink)
+        wait_until(lambda: socket.create_connection((host, port), 1), "the SuperLink", 120)
+        for node in nodes:
+            registered = self.processes.run(
+                str(BIN / "lethe"),
+                *("node", "register", node, "--superlink", self.superlink),
+                *("--data-dir", str(plan.coordinator_dir)),
+            )
+            if registered.returncode != 0:
+                raise RuntimeError(f"registering {node} failed: {registered.stderr[-800:]}")
+        self.say("flower", f"SuperLink on {self.superlink} (TLS); {len(nodes)} devices enrolled")
         self._feeder = threading.Thread(target=self._feed, name="feeder", daemon=True)
         self._feeder.start()
 
@@ -338,7 +360,9 @@ class LocalFleet:
 
         wait_until(enough_versions, "the first versions", plan.time_limit_s, every_s=1.0)
         started = time.monotonic()
-        with DeletionClient(self.api_address, self.app_token) as client:
+        with DeletionClient(
+            self.api_address, self.app_token, root_certificates=self.certs.ca_cert.read_bytes()
+        ) as client:
             request = wait_until(
                 lambda: client.submit(subject.subject_id, f"demo-{subject.subject_id}"),
                 "the deletion API",

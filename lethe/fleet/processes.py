@@ -14,7 +14,6 @@ import contextlib
 import itertools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -67,35 +66,6 @@ class ProcessGroup:
             name, str(BIN / "lethe"), "client", "run", *common, *options, LETHE_DATA_DIR=str(root)
         )
 
-    def start_superlink(self, port: int) -> subprocess.Popen[bytes]:
-        """A Flower SuperLink on loopback (plain gRPC, no runtime dependency installation)."""
-        return self.start(
-            "superlink",
-            str(BIN / "flower-superlink"),
-            "--insecure",
-            "--disable-runtime-dependency-installation",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--database",
-            str(self.logs / "superlink.db"),
-        )
-
-    def start_supernode(self, name: str, port: int, node_config: str) -> subprocess.Popen[bytes]:
-        """A Flower SuperNode for the SuperLink on `port`; `node_config` names its device."""
-        return self.start(
-            name,
-            str(BIN / "flower-supernode"),
-            "--insecure",
-            "--superlink",
-            f"127.0.0.1:{port}",
-            "--port",
-            str(free_port()),
-            "--node-config",
-            node_config,
-        )
-
     def run(self, *command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run a command to its end (output captured), with this group's environment."""
         return subprocess.run(
@@ -110,7 +80,8 @@ class ProcessGroup:
         """SIGTERM every group (a SuperNode's ClientApp processes too) and every process that
         one of ours started in a session of its own; SIGKILL what lingers."""
         ours = {process.pid for process in self.running}
-        strays = _started_by(ours)
+        # Their children too (a device daemon's SuperNode): whatever names one of them.
+        strays = _started_by(ours | _in_sessions(ours))
         known = ours | strays  # a stray's own strays name it, even once it has gone
         for process in self.running:
             with contextlib.suppress(ProcessLookupError):
@@ -156,6 +127,20 @@ def _running(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
+def _in_sessions(leaders: set[int]) -> set[int]:
+    """Processes in the sessions that `leaders` lead (Linux: read from /proc; else none)."""
+    members: set[int] = set()
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()  # after the command, which may hold spaces
+        if len(fields) > 3 and int(fields[3]) in leaders:
+            members.add(int(entry.name))
+    return members
+
+
 def _started_by(parents: set[int]) -> set[int]:
     """Processes that name one of `parents` as `--parent-pid`, and theirs in turn: Flower's
     SuperLink starts a SuperExec so, which starts the ServerApp so, each in a session of
@@ -175,13 +160,6 @@ def _started_by(parents: set[int]) -> set[int]:
         frontier = {pid for pid, parent in named.items() if parent in frontier} - found
         found |= frontier
     return found
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_until(check: Callable[[], T | None], what: str, timeout: float, every_s: float = 0.5) -> T:

@@ -9,6 +9,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from rich.console import Console
 from rich.text import Text
@@ -24,10 +25,13 @@ from coordinator.console.view import (
     matching,
     timeline_row,
 )
+from coordinator.core import Coordinator
 from coordinator.deletions.access import Scope, add_token
 from coordinator.deletions.service import serve
 from coordinator.deletions.store import DeletionStore
-from tests.console.conftest import NODES, NOW, T0, write_run
+from coordinator.fedcompass import FedCompass
+from coordinator.simulation.task import B_KEY
+from tests.console.conftest import MODEL, NODES, NOW, T0, write_run
 
 SMALL = (80, 24)
 pytestmark = pytest.mark.anyio
@@ -121,6 +125,29 @@ async def test_the_fleet_groups_and_model_tabs_show_the_run(coordinator_dir: Pat
         await pilot.press("3")
         assert app.query_one(TabbedContent).active == "model"
         assert not app.query_one("#banner").has_class("shown")
+
+
+async def test_a_hostile_node_shows_its_rejections_and_its_quarantine(tmp_path: Path) -> None:
+    store = write_run(tmp_path)
+    hostile = 0xBAD
+    core = Coordinator(FedCompass(), MODEL, journal=store)
+    core.restore(store.start("fedcompass", {"policy": "fedcompass"}, MODEL))
+    for attempt in range(3):  # NaN, a wrong shape, NaN: three in a row
+        [work] = core.join(hostile, NOW - 30 + attempt)
+        bad = (
+            {B_KEY: np.full((3, 2), np.nan, np.float32)}
+            if attempt != 1
+            else {B_KEY: np.zeros((2, 3), np.float32)}
+        )
+        core.arrive(hostile, work.version, bad, 5, NOW - 29 + attempt)
+    store.close()
+    app = console(tmp_path)
+    async with app.run_test(size=SMALL) as pilot:
+        await settle(pilot)
+        shown = {row[0]: row for row in rows(app, "#nodes")}
+        assert shown[f"{hostile:06x}"][1] == "quarantined"
+        assert shown[f"{hostile:06x}"][-1] == "3"  # rejected, counted per node
+        assert {shown[f"{n:06x}"][1] for n in NODES} == {"training"}
 
 
 async def test_deletions_filter_search_and_detail(coordinator_dir: Path) -> None:

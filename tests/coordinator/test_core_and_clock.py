@@ -8,6 +8,7 @@ import copy
 import numpy as np
 import pytest
 
+from coordinator.aggregation import UpdateLimits
 from coordinator.core import Coordinator, EventRecord, SavedState
 from coordinator.fedcompass import FedCompass
 from coordinator.run_config import RunConfig
@@ -30,20 +31,47 @@ def test_a_bad_update_is_rejected_and_nothing_of_it_applied() -> None:
     journal = MemoryJournal()
     core = Coordinator(FedCompass(), MODEL, journal=journal)
     [work] = core.join(0, 0.0)
+    good = {B_KEY: np.ones((3, 2), np.float32)}
+    assert core.arrive(0, work.version + 5, good, 10, 50.0) == []  # not the version it was sent
+    assert 0 in core.in_flight  # a stray answer: the node's real work is still out
     poisoned = {B_KEY: np.full((3, 2), np.nan, np.float32)}
     assert core.arrive(0, work.version, poisoned, 10, 100.0) == []
-    assert core.counters.rejected == 1 and core.version == 0
+    assert core.counters.rejected == 2 and core.version == 0
     assert np.array_equal(core.model[B_KEY], MODEL[B_KEY])
     assert journal.events[-1].rejected[2].endswith("NaN or infinite values")
-    # The node's work is still in flight; its good reply is taken.
-    good = {B_KEY: np.ones((3, 2), np.float32)}
-    assert core.arrive(0, work.version + 5, good, 10, 100.0) == []  # wrong version
-    [next_work] = core.arrive(0, work.version, good, 10, 100.0)
+    # It answered its work badly: that work is over, and the node joins again for new work.
+    assert 0 not in core.in_flight and 0 not in core.policy.nodes
+    [again] = core.join(0, 101.0)
+    [next_work] = core.arrive(0, again.version, good, 10, 150.0)
     assert core.version == 1 and next_work.version == 1
     assert np.allclose(core.model[B_KEY], 0.9)  # alone, alpha 0.9 / N = 1 node
     event = journal.events[-1]
     assert event.accepted is not None and len(event.commits) == 1
     assert event.in_flight[0].version == 1 and event.policy_state["version"] == 1
+    assert core.arrive(0, again.version, good, 10, 160.0) == []  # the same update replayed
+    assert core.version == 1 and core.counters.rejected == 3
+
+
+def test_a_node_that_keeps_sending_bad_updates_is_quarantined_for_good() -> None:
+    journal = MemoryJournal()
+    core = Coordinator(FedCompass(), MODEL, UpdateLimits(max_norm=5.0), journal=journal)
+    core.join(1, 0.0)  # an honest node keeps the run going
+    huge = {B_KEY: np.full((3, 2), 100.0, np.float32)}
+    for attempt in range(3):
+        [work] = core.join(0, float(attempt))
+        assert core.arrive(0, work.version, huge, 10, attempt + 0.5) == []
+        assert "exceeds the bound" in journal.events[-1].rejected[2]
+    assert core.quarantined == {0} and journal.events[-1].quarantined == 0
+    assert core.join(0, 10.0) == [] and 0 not in core.policy.nodes  # no more work
+    core.arrive(0, 0, {B_KEY: np.zeros((3, 2), np.float32)}, 10, 11.0)
+    assert journal.events[-1].rejected[2] == "node 0 is quarantined"
+    assert core.counters.rejected == 4 and core.version == 0
+    restarted = Coordinator(FedCompass(), MODEL)
+    last = journal.events[-1]
+    restarted.restore(
+        SavedState(MODEL, last.policy_state, last.in_flight, {}, 1, frozenset({0}))
+    )
+    assert restarted.join(0, 20.0) == []  # still quarantined after a restart
 
 
 def test_a_restarted_core_resumes_from_its_journal_and_reissues_lost_work() -> None:

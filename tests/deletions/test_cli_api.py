@@ -20,6 +20,8 @@ from coordinator.deletions.client import DeletionClient
 from coordinator.deletions.layout import ApiFiles
 from coordinator.deletions.status import Status
 from coordinator.deletions.store import DeletionStore
+from shared.paths import DataDir
+from shared.pki import CertFiles
 from shared.receipts import ensure_signing_key, generate_signing_key, public_key_path, sign_receipt
 
 LETHE = Path(sys.executable).parent / "lethe"  # the venv's console script
@@ -42,7 +44,11 @@ def add_token(data_dir: Path, app: str, *options: str) -> str:
 
 
 def start_api(data_dir: Path, address: str, log: Path) -> subprocess.Popen[bytes]:
-    """`lethe api serve`, returned once its health check says SERVING."""
+    """`lethe api serve` (TLS with the data directory's certificates), returned once its
+    health check says SERVING."""
+    if not CertFiles(DataDir(data_dir).certs).ca_cert.exists():
+        made = lethe("certs", "init", "--data-dir", str(data_dir))
+        assert made.returncode == 0, made.stderr
     with log.open("ab") as sink:
         process = subprocess.Popen(
             [str(LETHE), "api", "serve", "--data-dir", str(data_dir), "--address", address],
@@ -50,7 +56,8 @@ def start_api(data_dir: Path, address: str, log: Path) -> subprocess.Popen[bytes
             stderr=sink,
         )
     deadline = time.monotonic() + 30
-    with grpc.insecure_channel(address) as channel:
+    trusted = grpc.ssl_channel_credentials(ca_of(data_dir))
+    with grpc.secure_channel(address, trusted) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while True:
             assert process.poll() is None, log.read_text()
@@ -62,6 +69,10 @@ def start_api(data_dir: Path, address: str, log: Path) -> subprocess.Popen[bytes
                 pass
             assert time.monotonic() < deadline, "lethe api serve did not come up"
             time.sleep(0.1)
+
+
+def ca_of(data_dir: Path) -> bytes:
+    return CertFiles(DataDir(data_dir).certs).ca_cert.read_bytes()
 
 
 @pytest.fixture
@@ -81,13 +92,14 @@ def test_an_acknowledged_request_survives_kill_9(
     token = add_token(tmp_path, "notes", "--subjects", "notes:*")
     log = tmp_path / "api.log"
     servers.append(start_api(tmp_path, unused_address, log))
-    with DeletionClient(unused_address, token) as client:
+    with DeletionClient(unused_address, token, root_certificates=ca_of(tmp_path)) as client:
         request = client.submit("notes:alice", "durable")
     os.kill(servers[0].pid, signal.SIGKILL)  # right after the reply: no chance to flush
     assert servers[0].wait(timeout=10) == -signal.SIGKILL
 
     servers.append(start_api(tmp_path, unused_address, log))
-    shown = lethe("api", "get", request.request_id, "--address", unused_address, token=token)
+    at = ("--address", unused_address, "--data-dir", str(tmp_path))
+    shown = lethe("api", "get", request.request_id, *at, token=token)
     assert shown.returncode == 0, shown.stderr
     stored = json.loads(shown.stdout)
     assert stored["request_id"] == request.request_id and stored["status"] == "RECEIVED"
@@ -104,7 +116,7 @@ def test_submit_watch_get_and_verify_the_receipt_from_the_command_line(
     token = add_token(tmp_path, "notes", "--subjects", "notes:*")
     assert add_token(tmp_path, "ops", "--scope", "operator") != token
     servers.append(start_api(tmp_path, unused_address, tmp_path / "api.log"))
-    at = ("--address", unused_address)
+    at = ("--address", unused_address, "--data-dir", str(tmp_path))
 
     bad = lethe("api", "submit", "mail:bob", "--idempotency-key", "x", *at, token=token)
     assert bad.returncode == 1 and "PERMISSION_DENIED" in bad.stderr
@@ -179,3 +191,45 @@ def test_submit_watch_get_and_verify_the_receipt_from_the_command_line(
     (tmp_path / "junk.json").write_text("not json")
     junk = lethe("receipt", "verify", str(tmp_path / "junk.json"), "--public-key", str(public))
     assert junk.returncode == 1 and "not JSON" in junk.stderr
+
+
+def test_secure_by_default_and_tokens_listed_and_revoked(
+    tmp_path: Path, unused_address: str, servers: list[subprocess.Popen[bytes]]
+) -> None:
+    notes = add_token(tmp_path, "notes", "--subjects", "notes:*")
+    mail = add_token(tmp_path, "mail", "--subjects", "mail:*")
+    refused = lethe("api", "serve", "--data-dir", str(tmp_path), "--address", unused_address)
+    assert refused.returncode == 1 and "lethe certs init" in refused.stderr  # no plain fallback
+    servers.append(start_api(tmp_path, unused_address, tmp_path / "api.log"))
+    at = ("--address", unused_address, "--data-dir", str(tmp_path))
+    plain = lethe("api", "list", "--address", unused_address, "--insecure", token=notes)
+    assert plain.returncode == 1 and "UNAVAILABLE" in plain.stderr  # a TLS server only
+
+    listed = lethe("api", "token", "list", "--data-dir", str(tmp_path))
+    assert listed.returncode == 0, listed.stderr
+    assert "notes" in listed.stdout and "mail" in listed.stdout
+    assert notes not in listed.stdout and mail not in listed.stdout  # ids, never the tokens
+    tokens_text = (ApiFiles(tmp_path).tokens).read_text()
+    assert notes not in tokens_text and mail not in tokens_text
+    entries = json.loads(tokens_text)["tokens"]
+    notes_id = next(e["sha256"][:12] for e in entries if e["app"] == "notes")
+    assert notes_id in listed.stdout
+
+    assert (
+        lethe("api", "submit", "notes:a", "--idempotency-key", "1", *at, token=notes).returncode
+        == 0
+    )
+    revoked = lethe("api", "token", "revoke", notes_id, "--data-dir", str(tmp_path))
+    assert revoked.returncode == 0, revoked.stderr
+    after = lethe("api", "submit", "notes:b", "--idempotency-key", "2", *at, token=notes)
+    assert after.returncode == 1 and "UNAUTHENTICATED" in after.stderr  # the running server
+    assert lethe("api", "list", *at, token=mail).returncode == 0  # the other token still works
+    again = lethe("api", "token", "revoke", notes_id, "--data-dir", str(tmp_path))
+    assert again.returncode == 1 and "no token" in again.stderr
+    bad = lethe("api", "token", "revoke", "../../etc", "--data-dir", str(tmp_path))
+    assert bad.returncode == 1 and "12 hex digits" in bad.stderr
+    store = DeletionStore(ApiFiles(tmp_path).url())
+    try:
+        assert [r.subject_id for r in store.list(None, None, 10).records] == ["notes:a"]
+    finally:
+        store.close()

@@ -4,7 +4,6 @@ reflection and TLS."""
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import json
 import os
 import queue
@@ -16,19 +15,17 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from coordinator.deletions.access import Scope, add_token
 from coordinator.deletions.client import DeletionClient, signed_receipt
+from coordinator.deletions.limits import RateLimit, RateLimiter
 from coordinator.deletions.service import serve
 from coordinator.deletions.status import RetryPolicy, Status
 from coordinator.deletions.store import DeletionStore
 from shared.auth import bearer_metadata
+from shared.pki import CertFiles, init_folder
 from shared.proto.lethe.v1 import deletion_pb2, deletion_pb2_grpc
 from shared.receipts import generate_signing_key, sign_receipt, verify_receipt
 
@@ -410,36 +407,6 @@ def test_a_token_added_while_serving_works_and_a_loosened_file_locks_everyone_ou
     assert count(store) == 2
 
 
-def self_signed(tmp_path: Path) -> tuple[bytes, bytes]:
-    """A certificate for 127.0.0.1 and localhost, and its key (PEM)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lethe test")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return certificate.public_bytes(serialization.Encoding.PEM), key_pem
-
-
 def test_calls_over_tls(
     store: DeletionStore,
     tokens: dict[str, str],
@@ -447,15 +414,56 @@ def test_calls_over_tls(
     unused_address: str,
     tmp_path: Path,
 ) -> None:
-    certificate, key = self_signed(tmp_path)
-    server = serve(store, unused_address, tokens_file, tls=(certificate, key))
+    certs = CertFiles(tmp_path / "certs")
+    init_folder(certs, [], [], datetime.datetime.now(datetime.UTC))
+    other = CertFiles(tmp_path / "other")  # a CA the server's certificate is not from
+    init_folder(other, [], [], datetime.datetime.now(datetime.UTC))
+    tls = (certs.server_cert.read_bytes(), certs.server_key.read_bytes())
+    server = serve(store, unused_address, tokens_file, tls=tls)
     try:
-        with DeletionClient(unused_address, tokens["notes"], root_certificates=certificate) as c:
+        trusted = certs.ca_cert.read_bytes()
+        with DeletionClient(unused_address, tokens["notes"], root_certificates=trusted) as c:
             request = c.submit("notes:alice", "over-tls")
             assert c.get(request.request_id).status == pb.RECEIVED
+        stranger = other.ca_cert.read_bytes()
+        with DeletionClient(unused_address, tokens["notes"], root_certificates=stranger) as c:
+            with pytest.raises(grpc.RpcError) as refused:
+                c.submit("notes:bob", "wrong-ca")
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         with grpc.insecure_channel(unused_address) as plain:
             code, _ = code_of(lambda: submit(Stub(plain), tokens["notes"], "notes:a", "plain"))
             assert code == grpc.StatusCode.UNAVAILABLE
         assert count(store) == 1
     finally:
         server.stop(None)
+
+
+def test_each_token_has_its_own_rate_limit(
+    store: DeletionStore, tokens: dict[str, str], tokens_file: Path, unused_address: str
+) -> None:
+    server = serve(store, unused_address, tokens_file, rate_limit=RateLimit(rate=0.5, burst=3))
+    try:
+        with grpc.insecure_channel(unused_address) as channel:
+            stub = Stub(channel)
+            for n in range(3):
+                submit(stub, tokens["notes"], f"notes:{n}", f"k{n}")
+            code, message = code_of(lambda: submit(stub, tokens["notes"], "notes:9", "k9"))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "rate limit" in message
+            assert count(store) == 3  # the refused call stored nothing
+            submit(stub, tokens["mail"], "mail:1", "m1")  # another token is not slowed
+            assert count(store) == 4
+    finally:
+        server.stop(None)
+
+
+def test_a_token_bucket_refills_at_its_rate_and_never_beyond_its_burst() -> None:
+    now = [0.0]
+    limiter = RateLimiter(RateLimit(rate=2.0, burst=3), clock=lambda: now[0])
+    assert [limiter.allow("a") for _ in range(4)] == [True, True, True, False]
+    assert limiter.allow("b")  # buckets are per key
+    now[0] = 0.5  # one call's worth refilled
+    assert limiter.allow("a") and not limiter.allow("a")
+    now[0] = 100.0  # a long pause refills only up to the burst
+    assert [limiter.allow("a") for _ in range(4)] == [True, True, True, False]
+    with pytest.raises(ValueError):
+        RateLimit(rate=0.0)
