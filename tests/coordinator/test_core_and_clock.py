@@ -68,9 +68,7 @@ def test_a_node_that_keeps_sending_bad_updates_is_quarantined_for_good() -> None
     assert core.counters.rejected == 4 and core.version == 0
     restarted = Coordinator(FedCompass(), MODEL)
     last = journal.events[-1]
-    restarted.restore(
-        SavedState(MODEL, last.policy_state, last.in_flight, {}, 1, frozenset({0}))
-    )
+    restarted.restore(SavedState(MODEL, last.policy_state, last.in_flight, {}, 1, frozenset({0})))
     assert restarted.join(0, 20.0) == []  # still quarantined after a restart
 
 
