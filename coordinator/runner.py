@@ -55,9 +55,12 @@ def run_wall_clock(
     should_stop: Callable[[], bool] = lambda: False,
     on_version: Callable[[int, dict[str, np.ndarray]], None] | None = None,
     between: Callable[[], None] | None = None,
+    may_train: Callable[[int], bool] = lambda _node: True,
 ) -> None:
     """Run until `max_versions`, the time limit, or `should_stop()`.
 
+    `may_train(node)` False holds a node's work back (it leaves the policy and joins again
+    once it may): a device that owes a forgetting gets no training until it has forgotten.
     `between` runs once per loop, after the scheduling work (the deletion
     propagation), in this same thread: nothing it touches races the core.
     """
@@ -69,6 +72,10 @@ def run_wall_clock(
 
     def dispatch(work: list[Work]) -> None:
         for piece in work:
+            if not may_train(piece.node):  # it must forget someone first: no work until then
+                log.info("node %d holds work back until it has forgotten", piece.node)
+                dispatch(core.leave(piece.node, clock()))
+                continue
             index = sent.get(piece.node, 0)
             sent[piece.node] = index + 1
             # The version makes seeds differ after a restart, when the counts start again.
@@ -83,6 +90,8 @@ def run_wall_clock(
             connected = fleet.node_ids()
             for node in sorted(connected - core.policy.nodes - core.quarantined):
                 if now - failed_at.get(node, -float("inf")) < config.rejoin_after_s:
+                    continue
+                if not may_train(node):
                     continue
                 log.info("node %d joins", node)
                 dispatch(core.join(node, now))

@@ -348,6 +348,7 @@ def run_deployment(grid: Grid, settings: ServerSettings, config: RunConfig) -> N
             resumed=saved is not None,
             on_version=aggregated,
             between=between,
+            may_train=lambda node: not propagator.owes(node),
         )
     finally:
         deletions.close()

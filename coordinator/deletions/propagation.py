@@ -17,9 +17,12 @@ APPLIED_GLOBALLY    verify: each edit of the request still meets its targets
                     exact match 0 on the subject's records in its own model,
                     the shared model and its ONNX export; sign the receipt
                     -> VERIFIED
-Work a holder was sent before it answered may have trained on the subject's
-records: its updates are refused (`forgot`), so a late update cannot put the
-subject back into the shared model. A device's error answer or a malformed
+A holder that has not answered yet gets no training work (`owes`, which the
+coordinator's loop consults): a device that was offline during a deletion is
+unlearned when it returns, before it trains again. Work a holder was sent
+before it was asked may have trained on the subject's records: its updates
+are refused (`forgot`), so a late update cannot put the subject back into the
+shared model. A device's error answer or a malformed
 one makes the request FAILED with
 the reason; it is retried from RECEIVED (holders that answered already are
 not asked again) until the store's attempts run out.
@@ -102,6 +105,12 @@ class Propagator:
     def __post_init__(self) -> None:
         self._asked: dict[str, tuple[str, int]] = {}  # handle -> (request id, node)
         self._announcing: dict[str, int] = {}  # handle -> node asked to announce
+        self._owed: dict[str, set[int]] = {}  # request id -> holders that have not answered
+
+    def owes(self, node: int) -> bool:
+        """Whether `node` holds a subject some request is waiting for it to forget: it must
+        not train again (its update would carry the subject) until it has answered."""
+        return any(node in holders for holders in self._owed.values())
 
     def step(self) -> bool:
         """Move every open request as far as it goes now; True when the ledger grew (the
@@ -192,6 +201,9 @@ class Propagator:
                     changed = True
         if changed:
             self.deletions.merge_detail(request.request_id, {"targets": targets})
+        self._owed[request.request_id] = {
+            int(n) for n, t in targets.items() if t["state"] in ("pending", "asked")
+        }
         if all(t["state"] in ("done", "absent") for t in targets.values()):
             self.deletions.transition(
                 request.request_id,
@@ -309,6 +321,7 @@ class Propagator:
 
     def _fail(self, request: DeletionRecord, reason: str) -> None:
         log.warning("request %s failed: %s", request.request_id, reason)
+        self._owed.pop(request.request_id, None)
         failed = self.deletions.transition(request.request_id, Status.FAILED, reason=reason)
         if not failed.final:
             self.deletions.transition(request.request_id, Status.RECEIVED)

@@ -120,6 +120,8 @@ def test_a_request_reaches_every_holder_and_ends_verified(
         assert deletions.get(request.request_id).status is Status.DISPATCHED
         assert channel.sent[2:] == [11]
         assert [e.edit_id.split(":")[1] for e in state.ledger()] == [request.request_id]
+        # Node 22, offline, still owes the forgetting: it may not train until it has answered.
+        assert propagator.owes(22) and not propagator.owes(11) and not propagator.owes(33)
         # Node 22 comes back and is asked; both edits are in, the request goes through.
         channel.online.add(22)
         for _ in range(4):
@@ -127,6 +129,7 @@ def test_a_request_reaches_every_holder_and_ends_verified(
         done = deletions.get(request.request_id)
         assert done.status is Status.VERIFIED, done
         assert channel.sent[2:] == [11, 22]
+        assert not propagator.owes(22)  # answered: it may train again
         assert len(state.ledger()) == 2
         assert done.subject_id is None  # the coordinator forgets the raw id once done
         assert done.receipt is not None

@@ -82,3 +82,25 @@ def test_the_runner_stops_when_asked() -> None:
         core, fleet, WallClockConfig(poll_s=0.0), clock=lambda: clock[0], should_stop=lambda: True
     )
     assert fleet.sent == [] and core.version == 0
+
+
+def test_a_node_that_owes_a_forgetting_gets_no_work_until_it_has_forgotten() -> None:
+    clock = [0.0]
+    fleet = ScriptedFleet(clock)
+    fleet.fail_next = set()
+    core = Coordinator(FedCompass(FedCompassConfig(q_min=5, q_max=20)), MODEL)
+    asked_at, forgot_at = 50.0, 300.0  # a request waits for node 1 to forget, meanwhile
+
+    def may_train(node: int) -> bool:
+        return node != 1 or not asked_at <= clock[0] < forgot_at
+
+    wall = WallClockConfig(poll_s=0.0, discover_s=0.0, rejoin_after_s=0.0)
+    run_wall_clock(
+        core, fleet, wall, clock=lambda: clock[0], should_stop=lambda: clock[0] > 600,
+        may_train=may_train,
+    )  # fmt: skip
+    sent_to_1 = [w.sent_at for w in fleet.sent if w.node == 1]
+    assert any(at < asked_at for at in sent_to_1)  # it trained before it was asked
+    assert not any(asked_at <= at < forgot_at for at in sent_to_1)  # then nothing until it forgot
+    assert any(at >= forgot_at for at in sent_to_1), "it never trained again after it forgot"
+    assert any(w.node == 2 and w.sent_at < forgot_at for w in fleet.sent)  # the others went on
