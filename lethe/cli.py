@@ -1054,4 +1054,15 @@ def tui(
 
 
 def main() -> None:
-    app()
+    """Run the command; a data directory that cannot be written (full disk, read-only mount)
+    is one clear line and exit code 1, never a traceback."""
+    from shared.storage import storage_problem
+
+    try:
+        app()
+    except Exception as exc:
+        problem = storage_problem(exc)
+        if problem is None:
+            raise
+        err_console.print(f"[bold red]error:[/] {problem}")
+        sys.exit(1)

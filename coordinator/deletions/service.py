@@ -34,6 +34,7 @@ from coordinator.deletions.records import DeletionRecord, InvalidDeletion, check
 from coordinator.deletions.status import is_final
 from coordinator.deletions.store import DeletionStore, IdempotencyConflict, UnknownRequest
 from shared.proto.lethe.v1 import deletion_pb2, deletion_pb2_grpc
+from shared.storage import storage_problem
 
 DEFAULT_PAGE_SIZE = 50
 MAX_REQUEST_BYTES = 256 * 1024  # a submission is a few hundred bytes
@@ -82,6 +83,12 @@ class DeletionServicer(deletion_pb2_grpc.DeletionServiceServicer):
             )
         except IdempotencyConflict as error:
             _abort(context, grpc.StatusCode.ALREADY_EXISTS, str(error))
+        except Exception as error:
+            problem = storage_problem(error)
+            if problem is None:
+                raise
+            # Not acknowledged, so not stored: the app retries with the same key later.
+            _abort(context, grpc.StatusCode.UNAVAILABLE, f"cannot store the request now: {problem}")
         return deletion_pb2.SubmitDeletionResponse(
             request_id=record.request_id,
             request=self._shown(record, grant),
