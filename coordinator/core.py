@@ -222,9 +222,12 @@ class Coordinator:
         return self._event(event, lambda: self.policy.arrive(arrival, now), now)
 
     def _strike(self, node: int, version: int, event: EventRecord, now: float) -> list[Action]:
-        """Count a rejection. A node that answered its work badly leaves the policy (the
-        runner lets it join again for new work); one with too many in a row is quarantined."""
-        if node in self.quarantined:
+        """A node that answered its own work with a bad update: that work is over (the
+        runner lets it join again for new work), and too many in a row quarantine it. A
+        stray, late or replayed update is rejected and counted but is no strike: the node's
+        real work may still be out, and a slow honest node must not be shut out for it."""
+        flight = self.in_flight.get(node)
+        if node in self.quarantined or flight is None or flight.version != version:
             return []
         self.strikes[node] = self.strikes.get(node, 0) + 1
         limit = self.limits.quarantine_after
@@ -232,12 +235,8 @@ class Coordinator:
             self.quarantined.add(node)
             event.quarantined = node
             log.warning("node %d quarantined after %d rejected updates in a row", node, limit)
-        flight = self.in_flight.get(node)
-        answered_its_work = flight is not None and flight.version == version
-        if not (answered_its_work or node in self.quarantined) or node not in self.policy.nodes:
-            return []  # a stray or replayed update: the node's real work is still out
-        self.in_flight.pop(node, None)
-        return self.policy.leave(node, now)
+        del self.in_flight[node]
+        return self.policy.leave(node, now) if node in self.policy.nodes else []
 
     # -- restart ----------------------------------------------------------------
 

@@ -124,6 +124,10 @@ class FedCompass(Policy):
     def deadline(self) -> float | None:
         return min((g.latest for g in self.groups.values()), default=None)
 
+    def expected_seconds(self, node: int, steps: int) -> float | None:
+        speed = self.speeds.get(node)
+        return None if speed is None else speed * steps
+
     def tick(self, now: float) -> list[Action]:
         """Aggregate every group whose latest arrival time has passed, with whoever arrived.
 

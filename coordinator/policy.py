@@ -115,6 +115,10 @@ class Policy(ABC):
         """The earliest time at which `tick` has something to do (None: nothing pending)."""
         return None
 
+    def expected_seconds(self, node: int, steps: int) -> float | None:
+        """How long `steps` local steps should take `node` (None: the policy does not know)."""
+        return None
+
     def tick(self, now: float) -> list[Action]:
         """Called by the runner once `now >= deadline()`."""
         return []

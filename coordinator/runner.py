@@ -40,6 +40,11 @@ class WallClockConfig:
     poll_s: float = 0.05
     discover_s: float = 1.0
     rejoin_after_s: float = 10.0  # a node whose work failed waits this long before new work
+    # Work not back after lost_factor x its expected time + lost_slack_s is given up (the
+    # device died mid-training and its message will only expire with its TTL): the node
+    # leaves and, still or again connected, joins for new work.
+    lost_factor: float = 4.0
+    lost_slack_s: float = 30.0
     max_versions: int = 0  # stop after this version is committed (0: never)
     time_limit_s: float | None = None
     seed: int = 0
@@ -105,6 +110,14 @@ def run_wall_clock(
                 dispatch(core.leave(node, now))
             else:
                 dispatch(core.arrive(node, reply.version, reply.delta, reply.samples, now))
+        for node, flight in list(core.in_flight.items()):
+            expected = core.policy.expected_seconds(node, flight.steps)
+            now = clock()
+            if expected is not None and now - flight.sent_at > (
+                config.lost_factor * expected + config.lost_slack_s
+            ):
+                log.warning("node %d: work sent %.0f s ago is given up", node, now - flight.sent_at)
+                dispatch(core.leave(node, now))
         deadline = core.deadline()
         if deadline is not None and clock() >= deadline:
             dispatch(core.tick(clock()))

@@ -104,3 +104,29 @@ def test_a_node_that_owes_a_forgetting_gets_no_work_until_it_has_forgotten() -> 
     assert not any(asked_at <= at < forgot_at for at in sent_to_1)  # then nothing until it forgot
     assert any(at >= forgot_at for at in sent_to_1), "it never trained again after it forgot"
     assert any(w.node == 2 and w.sent_at < forgot_at for w in fleet.sent)  # the others went on
+
+
+def test_work_a_killed_device_never_returns_is_given_up_and_the_device_gets_new_work() -> None:
+    clock = [0.0]
+    fleet = ScriptedFleet(clock)
+    fleet.fail_next = set()
+    killed_at, back_at = 100.0, 150.0
+    swallowed: list[Work] = []  # work that reached node 1 while it was dead: no reply, ever
+    poll = fleet.poll
+
+    def lossy_poll() -> list[tuple[int, TrainReply | None]]:
+        for reply_at, work in list(fleet.out):
+            if work.node == 1 and reply_at > killed_at and work.sent_at < back_at:
+                fleet.out.remove((reply_at, work))
+                swallowed.append(work)
+        return poll()
+
+    fleet.poll = lossy_poll  # type: ignore[method-assign]
+    core = Coordinator(FedCompass(FedCompassConfig(q_min=5, q_max=20)), MODEL)
+    wall = WallClockConfig(poll_s=0.0, discover_s=0.0, lost_factor=2.0, lost_slack_s=20.0)
+    run_wall_clock(core, fleet, wall, clock=lambda: clock[0], should_stop=lambda: clock[0] > 800)
+    assert swallowed, "node 1 was never caught mid-training"
+    lost = swallowed[0]
+    later = [w for w in fleet.sent if w.node == 1 and w.sent_at > lost.sent_at]
+    assert later, "node 1 never got work again"
+    assert core.counters.accepted > 0 and core.version > 3  # the others went on meanwhile
