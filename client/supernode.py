@@ -13,9 +13,12 @@ devices can share a host.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +32,7 @@ FIRST_PAUSE_S = 1.0
 LONGEST_PAUSE_S = 60.0
 STABLE_S = 60.0
 STOP_GRACE_S = 10.0
+PR_SET_PDEATHSIG = 1
 
 
 class SuperNodeKeeper:
@@ -79,6 +83,7 @@ class SuperNodeKeeper:
                         stdout=output,
                         stderr=subprocess.STDOUT,
                         env=flower_environment(),
+                        preexec_fn=_die_with_parent,
                     )
                     self.starts += 1
                 except OSError as error:
@@ -103,3 +108,10 @@ class SuperNodeKeeper:
         except OSError:
             return False
         return True
+
+
+def _die_with_parent() -> None:
+    """In the SuperNode, before it runs: end with the daemon, even one killed with SIGKILL,
+    so a restarted daemon never finds its predecessor's SuperNode still holding the node."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)

@@ -68,6 +68,7 @@ class ServerSettings:
     ttl_s: float = 600.0
     time_limit_s: float = 0.0  # 0: no limit
     poll_s: float = 0.05
+    lost_slack_s: float = 30.0  # work not back after 4x its expected time + this is given up
     model: str = "default"  # deployment: the base model (stored name or directory)
     device: str = "auto"
     # virtual mode: the simulated fleet
@@ -336,6 +337,7 @@ def run_deployment(grid: Grid, settings: ServerSettings, config: RunConfig) -> N
 
     wall = WallClockConfig(
         poll_s=settings.poll_s,
+        lost_slack_s=settings.lost_slack_s,
         max_versions=config.max_versions,
         time_limit_s=settings.time_limit_s or None,
         seed=config.seed,
