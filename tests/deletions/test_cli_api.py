@@ -233,3 +233,5 @@ def test_secure_by_default_and_tokens_listed_and_revoked(
         assert [r.subject_id for r in store.list(None, None, 10).records] == ["notes:a"]
     finally:
         store.close()
+    log = (tmp_path / "api.log").read_text()
+    assert "listening" in log and notes not in log and mail not in log  # no secret in the log

@@ -134,3 +134,7 @@ def test_a_killed_device_rejoins_as_itself_and_only_enrolled_keys_get_in(
             90,
         )
     source.close()
+    secret = certs.node_key("phone").read_text().splitlines()[1]  # a line of the private key
+    logs = [*(tmp_path / "logs").glob("*.log"), *tmp_path.rglob("superlink.log")]
+    logs += [*tmp_path.rglob("supernode.log")]
+    assert logs and not any(secret in path.read_text(errors="replace") for path in logs)
