@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import asdict
@@ -29,9 +28,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from sqlalchemy import Engine, MetaData, event, inspect, text
 from sqlalchemy.exc import OperationalError
-from sqlmodel import Session, create_engine, select
+from sqlmodel import Session, select
 
 from client.unlearning.edits import LayerEdit, edits_from_arrays, edits_to_arrays
 from coordinator.core import EventRecord, InFlight, SavedState
@@ -46,7 +44,10 @@ from coordinator.state_tables import (
     RunRow,
     StateTable,
     UpdateRow,
+    from_db,
+    to_db,
 )
+from shared.database import MigrationError, add_missing_columns, database_engine
 from shared.durable import atomic_write_bytes
 from shared.holdings import Holdings
 from shared.tensors import arrays_from_bytes, arrays_to_bytes
@@ -71,7 +72,10 @@ class StateStore:
         except OperationalError:
             # Another process created the tables between the check and the create.
             StateTable.metadata.create_all(self.engine)
-        added = add_missing_columns(self.engine, StateTable.metadata)
+        try:
+            added = add_missing_columns(self.engine, StateTable.metadata)
+        except MigrationError as error:
+            raise StateError(str(error)) from error
         if added:
             log.info("state store upgraded in place: added %s", ", ".join(added))
 
@@ -404,18 +408,6 @@ class StateStore:
         return self._read(row.path, row.sha256)
 
 
-_TWO_63 = 2**63
-
-
-def to_db(node: int) -> int:
-    """Flower's unsigned 64-bit node id as the signed value a BIGINT column holds."""
-    return node - 2 * _TWO_63 if node >= _TWO_63 else node
-
-
-def from_db(value: int) -> int:
-    return value + 2 * _TWO_63 if value < 0 else value
-
-
 RowWithNode = TypeVar("RowWithNode", NodeRow, UpdateRow, RejectionRow, EditRow)
 
 
@@ -427,50 +419,6 @@ def _unsigned_nodes(rows: Iterable[RowWithNode]) -> list[RowWithNode]:
     return out
 
 
-def add_missing_columns(engine: Engine, metadata: MetaData) -> list[str]:
-    """Upgrade an older database in place: add the columns a newer Lethe put in its tables.
-
-    Only additions, and only of nullable columns (every column added after a
-    release is declared so); nothing is dropped, renamed or rewritten. A
-    missing column that may not be null is a change this cannot make, and is
-    refused with its name rather than half applied.
-    """
-    inspector = inspect(engine)
-    missing = [
-        (table, column)
-        for table in metadata.sorted_tables
-        if inspector.has_table(table.name)
-        for present in [{c["name"] for c in inspector.get_columns(table.name)}]
-        for column in table.columns
-        if column.name not in present
-    ]
-    blocked = [f"{t.name}.{c.name}" for t, c in missing if not c.nullable]
-    if blocked:
-        raise StateError(f"the database needs a migration this version cannot do: {blocked}")
-    with engine.begin() as connection:
-        for table, column in missing:
-            kind = column.type.compile(dialect=engine.dialect)
-            connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
-    return [f"{t.name}.{c.name}" for t, c in missing]
-
-
 def _edit_file(edit_id: str, revision: int) -> str:
     """A ledger file's name: the id's digest, since the id comes from a device."""
     return f"edits/{hashlib.sha256(edit_id.encode()).hexdigest()[:32]}.r{revision}.safetensors"
-
-
-def database_engine(url: str) -> Engine:
-    """SQLite gets WAL and full sync (a commit survives power loss); others as given."""
-    if url.startswith("postgresql://"):
-        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-    engine = create_engine(url)
-    if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
-    return engine
-
-
-def _sqlite_pragmas(connection: sqlite3.Connection, _record: object) -> None:
-    cursor = connection.cursor()
-    for pragma in ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON", "busy_timeout=10000"):
-        cursor.execute(f"PRAGMA {pragma}")
-    cursor.close()

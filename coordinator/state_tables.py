@@ -167,3 +167,15 @@ class EditRow(StateTable, table=True):
     added_in_version: int  # the shared model version current when it joined the ledger
     revision: int = 0
     revised_at: float | None = None
+
+
+_TWO_63 = 2**63
+
+
+def to_db(node: int) -> int:
+    """Flower's unsigned 64-bit node id as the signed value a BIGINT column holds."""
+    return node - 2 * _TWO_63 if node >= _TWO_63 else node
+
+
+def from_db(value: int) -> int:
+    return value + 2 * _TWO_63 if value < 0 else value

@@ -1,4 +1,9 @@
-"""Shared fixtures: a tokenizer and a random-weight default Llama, built once per test run."""
+"""Shared fixtures: a tokenizer and a random-weight default Llama, built once per test run.
+
+The suite runs on two pytest-xdist workers (the slow end-to-end tests mostly wait on
+Flower's polling, so two overlap well on two cores). Session fixtures are per worker, so
+every test that needs the real default model build runs on one worker (one build), and
+so does every test of the PostgreSQL server (one server)."""
 
 from __future__ import annotations
 
@@ -15,6 +20,17 @@ from client.learner import LearnerConfig
 from client.lora_training import LoraTrainConfig
 from edge_models.default_model import default_llama_config
 from edge_models.tokenizer import train_tokenizer
+
+SHARED_BY_GROUP = {"built_default_model": "default-model", "postgres_url": "postgres"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture, group in SHARED_BY_GROUP.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(group))
+                break
+
 
 SUBJECTS = ("alice", "bob", "the courier", "my neighbour", "a tired nurse", "the old baker")
 VERBS = ("paints", "repairs", "forgets", "carries", "borrows", "sells")

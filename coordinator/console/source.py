@@ -27,8 +27,8 @@ from coordinator.console.view import (
     VersionPoint,
 )
 from coordinator.deletions.tables import DeletionEventRow, DeletionRow
-from coordinator.state import database_engine, from_db
-from coordinator.state_tables import GroupRow, MetricRow, ModelVersionRow, NodeRow, RunRow
+from coordinator.state_tables import GroupRow, MetricRow, ModelVersionRow, NodeRow, RunRow, from_db
+from shared.database import database_engine
 from shared.receipts import ReceiptError, parse_body
 
 MAX_DELETIONS = 500  # the newest requests shown; older ones are in `lethe api list`

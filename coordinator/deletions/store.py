@@ -50,8 +50,8 @@ from coordinator.deletions.tables import (
     DeletionSecretRow,
     DeletionTable,
 )
-from coordinator.state import database_engine
 from shared.crypto import keyed_hash, new_key
+from shared.database import database_engine
 from shared.receipts import SignedReceipt, canonical_json, parse_body
 
 MAX_PAGE_SIZE = 500
