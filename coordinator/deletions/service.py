@@ -39,9 +39,15 @@ from shared.storage import storage_problem
 DEFAULT_PAGE_SIZE = 50
 MAX_REQUEST_BYTES = 256 * 1024  # a submission is a few hundred bytes
 POLL_S = 0.15
+# A status message travels in an HTTP/2 trailer, percent-encoded (up to 12 bytes a character),
+# and clients drop trailers over 8 KiB, turning the call into RESOURCE_EXHAUSTED: messages
+# quoting the caller's input (an unknown id, a bad record kind) are cut to stay well below.
+MAX_MESSAGE_CHARS = 500
 
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 3] + "..."
     context.abort(code, message)
     raise AssertionError("unreachable: abort raises")  # for type checkers
 
@@ -156,7 +162,8 @@ class DeletionServicer(deletion_pb2_grpc.DeletionServiceServicer):
         if not request_id:
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")
         try:
-            record = self.store.get(request_id)
+            # No request id holds NUL, which PostgreSQL cannot even compare (DataError).
+            record = None if "\x00" in request_id else self.store.get(request_id)
         except UnknownRequest:
             record = None
         if record is None or not grant.sees(record.app):

@@ -26,6 +26,7 @@ from shared.proto.lethe.v1 import deletion_pb2
 
 SERVICE_NAME = deletion_pb2.DESCRIPTOR.services_by_name["DeletionService"].full_name
 _PAGE_TOKEN = re.compile(r"lethe\.v1:after=(0|[1-9][0-9]{0,18})")
+_MAX_CURSOR = 2**63 - 1  # row ids are signed 64-bit integers (SQLite refuses larger ones)
 
 
 def status_to_proto(status: Status) -> int:
@@ -110,6 +111,10 @@ def decode_page_token(token: str) -> int | None:
         text = ""
     found = _PAGE_TOKEN.fullmatch(text)
     # Only the exact spelling this server gives out (the decoder skips stray characters).
-    if found is None or encode_page_token(int(found.group(1))) != token:
+    if (
+        found is None
+        or int(found.group(1)) > _MAX_CURSOR
+        or encode_page_token(int(found.group(1))) != token
+    ):
         raise InvalidDeletion("page_token is not one this server gave out")
     return int(found.group(1))
