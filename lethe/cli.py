@@ -405,6 +405,24 @@ def bench_scheduling(
     console.print_json(json.dumps(results))
 
 
+@bench_app.command("robust")
+def bench_robust(
+    json_path: Annotated[Path, typer.Option("--json", help="Where to write the results.")],
+    seeds: Annotated[int, typer.Option(help="Reported seeds: 1 to this.")] = 3,
+    workers: Annotated[
+        int, typer.Option(help="Processes running the cells (results do not depend on it).")
+    ] = 2,
+) -> None:
+    """Robust aggregation (clipping, trimmed mean) against poisoned clients, simulated."""
+    from lethe.bench.robust import BenchSettings, run_robust_bench
+
+    if seeds < 1 or workers < 1:
+        raise _fail("--seeds and --workers must be at least 1")
+    settings = BenchSettings(seeds=tuple(range(1, seeds + 1)))
+    results = run_robust_bench(json_path, err_console.print, settings, workers)
+    console.print_json(json.dumps(results))
+
+
 @bench_app.command("clientapp")
 def bench_clientapp(
     json_path: Annotated[Path, typer.Option("--json", help="Where to write the results.")],
@@ -425,6 +443,34 @@ def bench_clientapp(
     except ModelStoreError as exc:
         raise _fail(f"{exc}; build it with `lethe model build`") from exc
     results = run_clientapp_bench(json_path, model_dir, steps, repeats, log=err_console.print)
+    console.print_json(json.dumps(results))
+
+
+@bench_app.command("api")
+def bench_api(
+    json_path: Annotated[Path, typer.Option("--json", help="Where to write the results.")],
+    requests: Annotated[int, typer.Option(help="Deletion requests to submit in all.")] = 10_000,
+    rps: Annotated[float, typer.Option(help="Submissions per second, in all.")] = 200.0,
+    clients: Annotated[int, typer.Option(help="Concurrent clients, one app token each.")] = 8,
+    crash: Annotated[
+        bool, typer.Option(help="SIGKILL the API halfway and start it again at once.")
+    ] = True,
+) -> None:
+    """The deletion API under a paced load, killed halfway: requests lost or duplicated,
+    throughput, submit latency and the time to come back."""
+    from lethe.bench.api import run_api_bench
+
+    try:
+        results = run_api_bench(
+            json_path,
+            requests=requests,
+            rps=rps,
+            clients=clients,
+            crash=crash,
+            log=err_console.print,
+        )
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
     console.print_json(json.dumps(results))
 
 
