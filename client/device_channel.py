@@ -6,6 +6,9 @@ per message and imports this, so what it imports is paid on every message.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +25,19 @@ TOKEN_NAME = "daemon.token"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
+MAX_SOCKET_PATH = 100  # bytes: a Unix socket's path holds 108 on Linux, 104 on macOS
+
+
 def socket_path(device_dir: Path) -> Path:
-    return device_dir / "run" / SOCKET_NAME
+    """Where the daemon listens: DEVICE_DIR/run/daemon.sock, or, when a deep data directory
+    makes that path too long for a Unix socket, a short per-user folder in the system's
+    temp directory, the socket named by the digest of the device directory (both sides
+    compute the same name; the token beside DEVICE_DIR still guards every call)."""
+    path = device_dir / "run" / SOCKET_NAME
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+        return path
+    digest = hashlib.sha256(os.fsencode(device_dir.resolve())).hexdigest()[:24]
+    return Path(tempfile.gettempdir()) / f"lethe-{os.getuid()}" / f"{digest}.sock"
 
 
 def token_path(device_dir: Path) -> Path:

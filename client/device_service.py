@@ -153,8 +153,11 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
 def serve(daemon: DeviceDaemon, device_dir: Path, workers: int = 4) -> grpc.Server:
     """Start the local channel for `daemon`; the caller stops the returned server."""
     run_dir = socket_path(device_dir).parent
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if run_dir.stat().st_uid != os.getuid():  # a shared temp folder someone else made first
+        raise PermissionError(f"{run_dir} belongs to another user; remove it")
     os.chmod(run_dir, 0o700)
+    token_path(device_dir).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     token = ensure_token(token_path(device_dir))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),

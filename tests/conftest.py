@@ -8,6 +8,7 @@ so does every test of the PostgreSQL server (one server)."""
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,10 @@ from client.learner import LearnerConfig
 from client.lora_training import LoraTrainConfig
 from edge_models.default_model import default_llama_config
 from edge_models.tokenizer import train_tokenizer
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: one torch thread each, not two each fighting for them.
+    torch.set_num_threads(1)
 
 SHARED_BY_GROUP = {"built_default_model": "default-model", "postgres_url": "postgres"}
 

@@ -15,7 +15,7 @@ from safetensors.numpy import save
 
 from client.adapters import PERSONAL, SHARED, is_lora_b
 from client.daemon import DaemonConfig, DaemonError, DeviceDaemon
-from client.device_channel import DeviceClient, token_path
+from client.device_channel import MAX_SOCKET_PATH, DeviceClient, socket_path, token_path
 from client.device_service import serve
 from client.learner import LearnerConfig
 from client.serving import current_export
@@ -211,3 +211,11 @@ def test_the_local_channel_serves_its_owner_only(tmp_path: Path, config: DaemonC
             assert token_path(data.device).stat().st_mode & 0o077 == 0
         finally:
             server.stop(grace=None)
+
+
+def test_a_deep_data_directory_still_gets_a_usable_socket(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60) / "device"
+    path = socket_path(deep)
+    assert len(str(path)) <= MAX_SOCKET_PATH and path != deep / "run" / "daemon.sock"
+    assert socket_path(deep) == path  # both sides of the channel find the same one
+    assert socket_path(tmp_path / "device") == tmp_path / "device" / "run" / "daemon.sock"
