@@ -123,6 +123,7 @@ from coordinator.run_config import RunConfig
 from coordinator.simulation.attacks import Attack, AttackKind, run_attacked
 from coordinator.simulation.fleet import FleetSpec
 from lethe.bench.report import machine_facts, write_report
+from lethe.bench.scheduling import changed_settings
 
 # The tuned settings of `lethe bench scheduling` (chosen there on seeds 101 and 102).
 POLICIES: dict[str, RunConfig] = {
@@ -429,7 +430,7 @@ def _setting(settings: BenchSettings, calibration: dict[str, Any]) -> dict[str, 
         "budget_virtual_s": settings.budget,
         "report_seeds": list(settings.seeds),
         "calibration_seed": settings.calibration_seed,
-        "policies": {p: _settings(POLICIES[p]) for p in settings.rules},
+        "policies": {p: changed_settings(POLICIES[p]) for p in settings.rules},
         "max_norm": first.max_norm,
         "quarantine_after": first.quarantine_after,
         "attack_norm": ATTACK_NORM * first.max_norm,
@@ -442,14 +443,4 @@ def _setting(settings: BenchSettings, calibration: dict[str, Any]) -> dict[str, 
         "poisoned_clients": "first round(fraction x clients) of a permutation from the seed",
         "acc_final": "test accuracy of the newest version committed by the budget",
         "drop_vs_clean": "the policy's clean run (no attack, rule mean) minus this, per seed",
-    }
-
-
-def _settings(config: RunConfig) -> dict[str, Any]:
-    """The fields that differ from the defaults: what a policy's setting is."""
-    default = RunConfig(policy=config.policy)
-    return {
-        f.name: getattr(config, f.name)
-        for f in dataclasses.fields(config)
-        if getattr(config, f.name) != getattr(default, f.name) or f.name == "policy"
     }

@@ -174,14 +174,16 @@ def _tune(
                 2 * BUDGET if t is None else t for t in cell["per_seed"]["time_to_target"]
             ]
         score = statistics.mean(penalties)
-        scored.append({"settings": _settings(config), "mean_time_to_target": round(score, 1)})
-        log(f"tuning {name} {_settings(config)}: {score:.0f}")
+        scored.append(
+            {"settings": changed_settings(config), "mean_time_to_target": round(score, 1)}
+        )
+        log(f"tuning {name} {changed_settings(config)}: {score:.0f}")
     best = min(range(len(scored)), key=lambda i: scored[i]["mean_time_to_target"])
     return CANDIDATES[name][best], scored
 
 
-def _settings(config: RunConfig) -> dict[str, Any]:
-    """The fields that differ from the defaults: what a candidate is."""
+def changed_settings(config: RunConfig) -> dict[str, Any]:
+    """The fields that differ from the defaults: what a candidate (or a policy's setting) is."""
     default = RunConfig(policy=config.policy)
     return {
         f.name: getattr(config, f.name)
@@ -211,7 +213,9 @@ def _thousand_clients(config: RunConfig) -> dict[str, float]:
     started = time.perf_counter()
     in_process = run_in_process(config, spec)
     in_process_s = time.perf_counter() - started
-    settings = {k.replace("_", "-"): v for k, v in _settings(config).items() if k != "policy"}
+    settings = {
+        k.replace("_", "-"): v for k, v in changed_settings(config).items() if k != "policy"
+    }
     request = SimulationRequest.create(
         config.policy,
         1000,
@@ -264,7 +268,7 @@ def run_scheduling_bench(
         "overhead_ms_per_update_with_sqlite_journal": round(
             _journal_overhead(chosen["fedcompass"]), 3
         ),
-        "chosen": {name: _settings(config) for name, config in reported.items()},
+        "chosen": {name: changed_settings(config) for name, config in reported.items()},
         "tuning": tuning,
         "centralised_accuracy": central,
         "setting": {
