@@ -28,6 +28,7 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from client.inference import KvCacheSession, OnnxGenerator, left_pad, prefill_positions
 from edge_models.onnx_export import EXPORT_FORMAT, ExportError, export_causal_lm
+from edge_models.quantize import QuantisedWeights, quantise_export
 from shared.devices import resolve_torch_device
 from shared.durable import (
     TEMP_PREFIX,
@@ -50,6 +52,7 @@ from shared.durable import (
 )
 
 AdapterSource = PeftModel | str | Path
+ServedWeights = Literal["float32"] | QuantisedWeights
 # A wrong graph is off by order 1; float32 summed in another order, by 1e-6 to 1e-4.
 VERIFY_TOLERANCE = 1e-3
 _PROBE_PROMPTS = ((3, 4, 5, 6, 7), (8, 9, 10))
@@ -63,12 +66,15 @@ def ensure_export(
     device: str = "auto",
     tokenizer: PreTrainedTokenizerBase | None = None,
     keep: int = 2,
+    weights: ServedWeights = "float32",
 ) -> Path:
     """Make the export of `model` with `adapters` merged current; returns its directory.
 
     `tokenizer`, when given, is stored in the export so that a server needs
     nothing else. The `keep` most recent exports stay on disk (the current one
-    and, by default, the one a server may still be loading).
+    and, by default, the one a server may still be loading). `weights` other
+    than float32 serve a weight-only quantised copy of the checked fp32 export
+    (`edge_models.quantize`), which answers differently: only on request.
     """
     if keep < 1:
         raise ValueError("keep must be at least 1: the current export")
@@ -81,12 +87,19 @@ def ensure_export(
         try:
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
-            final = root / fingerprint(merged, staging)
+            final = root / fingerprint(merged, staging, weights)
             if final.is_dir():
                 os.utime(final)  # recent again, so pruning spares it
             else:
                 export_causal_lm(merged, staging)
                 _verify(merged, staging, device)
+                if weights != "float32":
+                    reference, staging = (
+                        staging,
+                        Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=root)),
+                    )
+                    quantise_export(reference, staging, weights)
+                    shutil.rmtree(reference)
                 sync_tree(staging)
                 os.rename(staging, final)
                 fsync_path(root)
@@ -185,9 +198,14 @@ def _remove_adapter_layers(model: torch.nn.Module) -> None:
         del model.peft_config
 
 
-def fingerprint(model: PreTrainedModel, extra_files: Path) -> str:
+def fingerprint(
+    model: PreTrainedModel, extra_files: Path, weights: ServedWeights = "float32"
+) -> str:
     """Hash of everything an export depends on: format, architecture, weights, and `extra_files`."""
-    digest = hashlib.sha256(f"lethe-onnx-{EXPORT_FORMAT}:{type(model).__name__}".encode())
+    quantised = "" if weights == "float32" else f":{weights}"
+    digest = hashlib.sha256(
+        f"lethe-onnx-{EXPORT_FORMAT}{quantised}:{type(model).__name__}".encode()
+    )
     config = model.config.to_dict()
     for volatile in ("_name_or_path", "transformers_version"):
         config.pop(volatile, None)

@@ -97,8 +97,11 @@ def resolve_model(spec: str | Path, root: str | Path) -> Path:
         return stored.path
     path = Path(spec).expanduser()
     if not path.is_dir():
+        from edge_models.pretrained import PACKAGED_MODELS
+
+        hint = f"; import it with `lethe model import {text}`" if text in PACKAGED_MODELS else ""
         raise ModelNotFoundError(
-            f"{text!r} is neither a model stored in {Path(root)} nor a model directory"
+            f"{text!r} is neither a model stored in {Path(root)} nor a model directory{hint}"
         )
     if (path / MANIFEST).is_file():
         verify(read_version(path))

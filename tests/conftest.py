@@ -26,7 +26,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two workers on two cores: one torch thread each, not two each fighting for them.
     torch.set_num_threads(1)
 
-SHARED_BY_GROUP = {"built_default_model": "default-model", "postgres_url": "postgres"}
+SHARED_BY_GROUP = {
+    "built_default_model": "default-model",
+    "postgres_url": "postgres",
+    "imported_smollm2": "smollm2",
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -117,3 +121,16 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory):
         yield server.get_uri()
     finally:
         server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def imported_smollm2(tmp_path_factory: pytest.TempPathFactory):
+    """SmolLM2-135M-Instruct imported from its registry package, once per test session.
+
+    Returns (models root, ModelVersion); treat the files as read-only.
+    """
+    from edge_models.pretrained import import_packaged
+
+    models_root = tmp_path_factory.mktemp("models")
+    version, _new = import_packaged("smollm2", models_root)
+    return models_root, version
