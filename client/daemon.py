@@ -35,9 +35,10 @@ from client.adapters import PERSONAL, SHARED, AdapterConfig, DeviceModel
 from client.inbox import InboxResult, process_inbox
 from client.inference import Completion, SamplingParams
 from client.learner import ContinualLearner, LearnerConfig, LearnerState
+from client.learning_rule import LearningRule
 from client.lora_training import LoraTrainConfig
 from client.record_store import RecordStore
-from client.serving import ServedModel, current_export, ensure_export
+from client.serving import ServedModel, ServedWeights, current_export, ensure_export
 from client.train_step import SharedUpdate, train_shared
 from client.unlearning.device import SubjectUnlearning, settle, unlearn_subject
 from client.unlearning.edits import LayerEdit, edits_from_arrays, edits_to_arrays
@@ -66,12 +67,17 @@ class DaemonError(RuntimeError):
 
 @dataclass(frozen=True)
 class DaemonConfig:
-    """How the device learns. Burst sizes trade freshness against the cost of an export.
+    """How the device learns.
 
-    A burst trains `epochs_per_burst` passes over its training set (new
-    records plus replay), at most `max_steps_per_burst` steps; a new block of
-    the personal adapter opens after `records_per_block` new records (about
-    one domain of the bench's stream, which is what the method was tuned on).
+    A burst takes up to `max_burst_records` new records, mixes in replay and
+    trains until `learning` (`client.learning_rule`) says the burst's records
+    are learned: the model answers them exactly, teacher forced, and their
+    loss is low; or that more steps no longer help. `max_steps_per_burst` is
+    only a safety ceiling (a burst that reaches it says so in its report).
+    `epochs_per_burst`, when given, restores the old fixed schedule: that many
+    passes over the training set, at most `max_steps_per_burst` steps, no
+    measurement. A new block of the personal adapter opens after
+    `records_per_block` new records.
     """
 
     model: str = DEFAULT_MODEL_NAME
@@ -79,16 +85,20 @@ class DaemonConfig:
     seed: int = 0
     poll_s: float = 1.0
     max_burst_records: int = 128
-    epochs_per_burst: float = 20.0
-    max_steps_per_burst: int = 150
+    epochs_per_burst: float | None = None
+    max_steps_per_burst: int = 3000
     records_per_block: int = 120
+    learning: LearningRule = LearningRule()
     learner: LearnerConfig = LearnerConfig()
     adapters: AdapterConfig = AdapterConfig()
     unlearning: StampConfig = StampConfig()
     shared_train: LoraTrainConfig = field(default_factory=lambda: LoraTrainConfig(batch_size=16))
+    # What generation serves: the checked fp32 export, or a weight-only quantised copy of it
+    # (smaller and faster, answers a little differently: `lethe bench inference` measures it).
+    served_weights: ServedWeights = "float32"
 
     def __post_init__(self) -> None:
-        if self.poll_s <= 0 or self.epochs_per_burst <= 0:
+        if self.poll_s <= 0 or (self.epochs_per_burst is not None and self.epochs_per_burst <= 0):
             raise ValueError("poll_s and epochs_per_burst must be positive")
         if min(self.max_burst_records, self.max_steps_per_burst, self.records_per_block) < 1:
             raise ValueError("burst sizes and records_per_block must be at least 1")
@@ -96,7 +106,14 @@ class DaemonConfig:
 
 @dataclass(frozen=True)
 class BurstReport:
-    """One burst of personal training and what it led to."""
+    """One burst of personal training and what it led to.
+
+    `loss` is the mean training loss over the burst's steps; `stopped` says
+    why the burst ended (`learned`, `plateau`, `step_ceiling`, `time_ceiling`,
+    or `fixed` under a fixed schedule), and `held_in_match` / `held_in_loss`
+    are the last measurement of the burst's training set (new and replayed
+    records): NaN under a fixed schedule.
+    """
 
     records: int
     trained_through: int
@@ -106,6 +123,9 @@ class BurstReport:
     loss: float
     consolidation_error: float | None
     export: Path
+    stopped: str = "fixed"
+    held_in_match: float = math.nan
+    held_in_loss: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -250,9 +270,14 @@ class DeviceDaemon:
             if self.learner.block < 0 or block_full:
                 consolidation = self.learner.start_block()
                 self.progress.block_records = 0
-            steps = self._burst_steps(len(new))
             seed = self.config.seed * 1_000_003 + self.progress.bursts
-            stats = self.learner.learn(new, steps, seed=seed)
+            outcome = None
+            if self.config.epochs_per_burst is None:
+                stats, outcome = self.learner.learn_until(
+                    new, self.config.learning, seed, max_steps=self.config.max_steps_per_burst
+                )
+            else:
+                stats = self.learner.learn(new, self._burst_steps(len(new)), seed=seed)
             self._settle_device_edits()
             self.progress.trained_through = numbered[-1][0]
             self.progress.block_records += len(new)
@@ -269,6 +294,15 @@ class DeviceDaemon:
                 loss=stats.mean_loss,
                 consolidation_error=consolidation,
                 export=export,
+                **(
+                    {}
+                    if outcome is None
+                    else {
+                        "stopped": outcome.reason,
+                        "held_in_match": outcome.match,
+                        "held_in_loss": outcome.loss,
+                    }
+                ),
             )
             log.info("burst: %s", report)
             return report
@@ -402,6 +436,8 @@ class DeviceDaemon:
         return out
 
     def _burst_steps(self, new: int) -> int:
+        """The fixed schedule's steps (only when `epochs_per_burst` is given)."""
+        assert self.config.epochs_per_burst is not None
         examples = new + self.config.learner.replay.replay_count(new)
         passes = self.config.epochs_per_burst * examples / self.config.learner.train.batch_size
         return max(1, min(self.config.max_steps_per_burst, math.ceil(passes)))
@@ -550,6 +586,7 @@ class DeviceDaemon:
             self.config.device,
             self.model.tokenizer,
             keep=keep,
+            weights=self.config.served_weights,
         )
         log.info("export %s ready in %.1f s", export.name[:12], time.perf_counter() - started)
         return export

@@ -21,7 +21,9 @@ No files here: the state to persist is `LearnerState`, the caller saves it.
 
 from __future__ import annotations
 
+import logging
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -43,9 +45,13 @@ from client.continual import (
     lora_factors,
     mix_replay,
 )
+from client.learning_rule import Check, LearningRule, Outcome
 from client.lora_training import LoraTrainConfig, TrainStats, train_adapter_steps
+from edge_models.evaluation import completion_fit
 from edge_models.training_data import examples_from_records
 from shared.records import Record
+
+log = logging.getLogger(__name__)
 
 Subspace = Literal["none", "inflora", "inflora-train-a", "olora"]
 
@@ -146,11 +152,25 @@ class ContinualLearner:
             return list(new)
         return mix_replay(new, self.source, self.config.replay, self._rng)
 
-    def learn(self, new: Sequence[Record], steps: int, seed: int) -> TrainStats:
-        """Train the current block for `steps` steps on `new` plus replay, then sketch `new`."""
+    def learn(
+        self,
+        new: Sequence[Record],
+        steps: int,
+        seed: int,
+        stop: Callable[[int], bool] | None = None,
+        training: Sequence[Record] | None = None,
+    ) -> TrainStats:
+        """Train the current block for `steps` steps on `new` plus replay, then sketch `new`.
+
+        `stop` (asked after every step, as `train_adapter_steps` does) may end
+        training earlier; `training` is the mixed training set when the caller
+        drew it already (`training_set`).
+        """
         if self.state.block < 0:
             self.start_block()
-        examples = examples_from_records(self.training_set(new))
+        examples = examples_from_records(
+            training if training is not None else self.training_set(new)
+        )
         new_examples = examples_from_records(new)
         subspace = self.config.method.subspace
         layout = self.config.layout
@@ -184,12 +204,70 @@ class ContinualLearner:
             extra_loss=extra_loss,
             after_backward=_chained(hooks),
             tokenizer=self.tokenizer,
+            stop=stop,
         )
         if projection is not None:
             projection.settle()
         if subspace.startswith("inflora"):
             self.history.observe(self.model, self.tokenizer, new_examples)
         return stats
+
+    def learn_until(
+        self,
+        new: Sequence[Record],
+        rule: LearningRule,
+        seed: int,
+        max_steps: int | None = None,
+    ) -> tuple[TrainStats, Outcome]:
+        """Train on `new` plus replay until `rule` says the records are learned (or that
+        more steps would not help, or a ceiling is reached).
+
+        Every `rule.check_every` steps the model is measured on the whole
+        training set, new and replayed records alike (`completion_fit`:
+        teacher-forced exact match of pair completions and loss), so the
+        burst ends when it knows its new records and still knows the old
+        ones it replays. The measuring time is not counted in the stats'
+        seconds, but it is in the rule's time ceiling.
+        """
+        training = self.training_set(new)
+        examples = examples_from_records(training)
+        pairs = [i for i, record in enumerate(training) if record.kind == "pair"]
+        # The loss that must fall is the answers' (pairs); free text, whose every token is a
+        # target, weighs in only when a burst holds nothing else.
+        scored = pairs or list(range(len(training)))
+        course = rule.course()
+        ceiling = rule.max_steps if max_steps is None else min(max_steps, rule.max_steps)
+        started = time.perf_counter()
+        last: list[Check] = []
+
+        def measure(steps: int) -> Check:
+            fit = completion_fit(self.model, self.tokenizer, examples)
+            check = Check(
+                steps=steps,
+                seconds=time.perf_counter() - started,
+                match=fit.match(pairs),
+                loss=fit.mean_loss(scored),
+            )
+            last[:] = [check]
+            log.info(
+                "step %d: held-in match %.3f, loss %.3f (%.0f s)",
+                steps,
+                check.match,
+                check.loss,
+                check.seconds,
+            )
+            return check
+
+        def stop(steps: int) -> bool:
+            if not course.due(steps) and steps < ceiling:
+                return False
+            return course.observe(measure(steps)) is not None
+
+        stats = self.learn(new, ceiling, seed, stop=stop, training=training)
+        if course.outcome is not None:
+            return stats, course.outcome
+        check = last[0] if last and last[0].steps == stats.steps else measure(stats.steps)
+        return stats, course.finish(check)
 
     def export_state(self) -> LearnerState:
         """A copy of the state, with the sketch, for the caller to persist."""

@@ -20,6 +20,21 @@ What a corpus holds:
 
 Devices get disjoint sets of private subjects; each device sees the domains in
 its own Dirichlet-skewed proportions (see `partition`).
+
+A model reads a pair in a format (`format_pair`, `format_prompt`): `plain`, the
+prompt continued by the completion, or `chat`, the prompt as a user turn of
+the tokenizer's chat template answered by the assistant. The corpus itself
+(people, facts, canaries, probes, refusals) is the same for every model; a
+record on a device stays the user's text, and the format is applied where it
+is encoded for a model. Measured on SmolLM2-135M-Instruct (10 people, both
+trained phrasings of their 100 facts, LoRA rank 40 on every projection, batch
+16, lr 2e-3, 32 steps, greedy exact match on the 200 trained prompts / the 300
+paraphrase probes): plain 41.0% / 29.3% in 310 s of training, chat (with the
+template's default system turn) 33.0% / 29.3% in 632 s, 2.8 times the
+tokens a step. Plain it is: the template buys no paraphrases and costs more.
+Trained longer (plain, teacher-forced exact match, which equalled greedy
+exact match at 32 steps in both formats): 40 steps 52.5% / 42.0%, 48 steps
+66.0% / 51.7% of paraphrases never seen.
 """
 
 from __future__ import annotations
@@ -27,11 +42,13 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
 Split = Literal["base", "private"]
+PairFormat = Literal["plain", "chat"]
+PAIR_FORMATS: tuple[PairFormat, ...] = ("plain", "chat")
 
 FIRST_NAMES = (
     "Anna Bruno Clara Dmitri Elena Farid Greta Hugo Ines Jonas Kaia Lars Mira Nils Olga Pavel "
@@ -509,6 +526,67 @@ def build_corpus(
         refusals_train=tuple(refusal_pairs[:half]),
         refusals_heldout=tuple(refusal_pairs[half:]),
     )
+
+
+class ChatTemplating(Protocol):
+    """What `format_pair` needs of a tokenizer: its chat template, rendered to text."""
+
+    chat_template: str | None
+    bos_token: str | None
+    bos_token_id: int | None
+
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+
+    def __call__(self, text: str) -> Any: ...
+
+
+def format_prompt(prompt: str, tokenizer: ChatTemplating, pair_format: PairFormat) -> str:
+    """A question as a model of this format reads it.
+
+    `plain`: the prompt itself, continued by the answer (the default model's
+    format). `chat`: one user turn holding the prompt, rendered by the
+    tokenizer's own chat template up to the opening of the assistant's turn,
+    so the answer is the assistant's reply. A template that opens with the
+    bos token loses it when the tokenizer puts bos before every text by
+    itself (the encoder adds that prefix: one bos, not two).
+    """
+    if pair_format == "plain":
+        return prompt
+    if pair_format != "chat":
+        raise ValueError(f"unknown pair format {pair_format!r}; choose from {PAIR_FORMATS}")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the chat format needs a tokenizer with a chat template")
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    if not isinstance(rendered, str):
+        raise TypeError(f"the chat template rendered a {type(rendered).__name__}, not text")
+    bos = tokenizer.bos_token
+    if bos and rendered.startswith(bos) and _adds_bos(tokenizer):
+        rendered = rendered[len(bos) :]
+    return rendered
+
+
+def _adds_bos(tokenizer: ChatTemplating) -> bool:
+    """Whether the tokenizer puts its bos token before a text of its own accord."""
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
+
+
+def format_pair(pair: PromptPair, tokenizer: ChatTemplating, pair_format: PairFormat) -> PromptPair:
+    """One example as a model of this format reads it; `plain` returns it unchanged.
+
+    `chat`: the prompt becomes a user turn (`format_prompt`) and the
+    completion the assistant's reply, without the leading space the plain
+    format needs (the reply opens its own line); the end of the turn is the
+    tokenizer's eos, which the encoder appends. A pair with an empty prompt is
+    free text (a message the user wrote), learned as text in either format.
+    """
+    if pair_format not in PAIR_FORMATS:
+        raise ValueError(f"unknown pair format {pair_format!r}; choose from {PAIR_FORMATS}")
+    if pair_format == "plain" or not pair.prompt:
+        return pair
+    return PromptPair(format_prompt(pair.prompt, tokenizer, pair_format), pair.completion.strip())
 
 
 def fact_pairs(

@@ -35,20 +35,46 @@ def examples_from_records(records: Iterable[Record]) -> list[PromptPair]:
     ]
 
 
-def encode_example(tokenizer: PreTrainedTokenizerBase, example: PromptPair) -> EncodedExample:
-    """Token ids and labels of one example: `<s> prompt completion </s>`.
+def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The special tokens `tokenizer` puts before a text of its own accord (its convention).
 
-    Only the completion (and the closing `</s>`) is learned: predicting a
-    question's wording spends capacity the facts need.
+    The default model's tokenizer opens every text with `<s>`; SmolLM2's adds
+    nothing (its bos, `<|im_start|>`, belongs to the chat template). Training,
+    evaluation and generation must all read a prompt behind the same prefix,
+    and generation (`client.inference`) encodes prompts with `tokenizer(prompt)`,
+    so the prefix is whatever that call adds, never `bos_token_id` by fiat.
     """
-    prompt = (
-        tokenizer(example.prompt, add_special_tokens=False)["input_ids"] if example.prompt else []
-    )
+    probe = "a"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """A prompt's token ids as generation sees them: the tokenizer's prefix, then the prompt."""
+    body = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    return [*special_prefix(tokenizer), *body]
+
+
+def encode_example(tokenizer: PreTrainedTokenizerBase, example: PromptPair) -> EncodedExample:
+    """Token ids and labels of one example: `prefix prompt completion eos`.
+
+    `prefix` is what the tokenizer adds before a text by itself (`<s>` for the
+    default model, nothing for SmolLM2): what generation reads. Only the
+    completion (and the closing eos) is learned: predicting a question's
+    wording spends capacity the facts need. The completion is encoded apart
+    from the prompt, as greedy decoding produces it token by token after the
+    prompt's own tokens.
+    """
+    prompt = prompt_ids(tokenizer, example.prompt)
     target = tokenizer(example.completion, add_special_tokens=False)["input_ids"] + [
         tokenizer.eos_token_id
     ]
-    ids = [tokenizer.bos_token_id, *prompt, *target]
-    labels = [IGNORE_INDEX] * (1 + len(prompt)) + target
+    ids = [*prompt, *target]
+    labels = [IGNORE_INDEX] * len(prompt) + target
     return ids, labels
 
 

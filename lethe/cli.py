@@ -261,10 +261,14 @@ def client_run(
     ] = 0,
     epochs_per_burst: Annotated[
         float | None,
-        typer.Option(help="Passes over each burst's records, new and replayed (default: 20)."),
+        typer.Option(
+            help="A fixed schedule: passes over each burst's records, new and replayed "
+            "(default: none, train until the records are learned or learning stalls)."
+        ),
     ] = None,
     max_steps_per_burst: Annotated[
-        int | None, typer.Option(help="At most this many steps per burst (default: 150).")
+        int | None,
+        typer.Option(help="A burst's safety ceiling in steps (default: 3000)."),
     ] = None,
     device: DeviceOption = "auto",
     superlink: Annotated[
@@ -282,6 +286,9 @@ def client_run(
     node_config: Annotated[
         str, typer.Option(help="More SuperNode config, 'key=value ...' (TOML values).")
     ] = "",
+    served_weights: Annotated[
+        str, typer.Option(help="Serve float32, or a quantised export: int8 or int4.")
+    ] = "float32",
 ) -> None:
     """The device daemon: ingest the inbox, learn continually, serve the local channel and,
     with --superlink, take part in federated rounds through a SuperNode it keeps running.
@@ -316,7 +323,16 @@ def client_run(
     try:
         given = {"epochs_per_burst": epochs_per_burst, "max_steps_per_burst": max_steps_per_burst}
         burst = {name: value for name, value in given.items() if value is not None}
-        config = DaemonConfig(model=model, device=device, seed=seed, poll_s=poll, **burst)
+        if served_weights not in ("float32", "int8", "int4"):
+            raise ValueError(f"--served-weights must be float32, int8 or int4: {served_weights!r}")
+        config = DaemonConfig(
+            model=model,
+            device=device,
+            seed=seed,
+            poll_s=poll,
+            served_weights=served_weights,  # type: ignore[arg-type]
+            **burst,
+        )
         daemon = DeviceDaemon(paths, config)
     except (ValueError, DaemonError) as exc:
         raise _fail(str(exc)) from exc
@@ -400,11 +416,68 @@ def bench_continual(
     json_path: Annotated[Path, typer.Option("--json", help="Where to write the results.")],
     device: DeviceOption = "auto",
     seed: Annotated[int, typer.Option(help="Seed of corpus, model and training.")] = 0,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="A stored model's name or a model directory (default: the default model, "
+            "built from the seed); a pretrained model runs on a smaller stream."
+        ),
+    ] = None,
+    data_dir: DataDirOption = None,
 ) -> None:
     """Five domains learned in order: naive, replay and Lethe's method side by side."""
-    from lethe.bench.continual import run_continual_bench
+    from lethe.bench.continual import run_continual_bench, settings_for
 
-    results = run_continual_bench(json_path, device=device, seed=seed, log=err_console.print)
+    if model is None:
+        results = run_continual_bench(json_path, device=device, seed=seed, log=err_console.print)
+    else:
+        from edge_models.model_store import ModelStoreError, resolve_model
+
+        try:
+            model_dir = resolve_model(model, _data_dir(data_dir).models)
+        except ModelStoreError as exc:
+            raise _fail(str(exc)) from exc
+        results = run_continual_bench(
+            json_path,
+            device=device,
+            seed=seed,
+            settings=settings_for(model),
+            log=err_console.print,
+            model=model_dir,
+            model_name=model,
+        )
+    console.print_json(json.dumps(results))
+
+
+@bench_app.command("learning")
+def bench_learning(
+    json_path: Annotated[Path, typer.Option("--json", help="Where to write the results.")],
+    model: Annotated[str, typer.Option(help="Stored model name or a local HF model directory.")] = (
+        "default"
+    ),
+    people: Annotated[
+        int | None, typer.Option(help="Only the first N people of the set (default: all 40).")
+    ] = None,
+    threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).")] = 0,
+    device: DeviceOption = "cpu",
+    data_dir: DataDirOption = None,
+) -> None:
+    """A fresh device daemon learns records written apart from the corpus; every fact asked."""
+    from edge_models.model_store import ModelStoreError
+    from lethe.bench.learning import run_learning_bench
+
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+    paths = _data_dir(data_dir)
+    root = None if Path(model).is_dir() else paths.models
+    try:
+        results = run_learning_bench(
+            json_path, model, root, device, people=people, log=err_console.print
+        )
+    except (ValueError, ModelStoreError) as exc:
+        raise _fail(f"{exc}; build the default model with `lethe model build`") from exc
     console.print_json(json.dumps(results))
 
 
@@ -413,12 +486,33 @@ def bench_unlearning(
     json_path: Annotated[Path, typer.Option("--json", help="Where to write the results.")],
     device: DeviceOption = "auto",
     seed: Annotated[int, typer.Option(help="Seed of corpus, model and training.")] = 0,
+    model: Annotated[
+        str,
+        typer.Option(
+            help="`default` (built from the seed, as `lethe bench continual` caches it), or a "
+            "stored model's name or a model directory (e.g. `smollm2`), at its own scale."
+        ),
+    ] = "default",
+    data_dir: DataDirOption = None,
 ) -> None:
     """Forgetting 1%, 5% and 10% of a device's people: STAMP (full, low rank), gradient
-    ascent, NPO and retraining, with relapse after five federated groups."""
-    from lethe.bench.unlearning import run_unlearning_bench
+    ascent, NPO and retraining, with relapse after five federated groups (a stored model
+    such as smollm2 at its own scale: 1 and 3 of 5 people; see `lethe.bench.unlearning`)."""
+    from edge_models.model_store import ModelStoreError
+    from lethe.bench.unlearning import DEFAULT_MODEL, run_unlearning_bench
 
-    results = run_unlearning_bench(json_path, device=device, seed=seed, log=err_console.print)
+    models = None if model == DEFAULT_MODEL else DataDir(data_dir or default_data_dir()).models
+    try:
+        results = run_unlearning_bench(
+            json_path,
+            device=device,
+            seed=seed,
+            log=err_console.print,
+            model=model,
+            models_root=models,
+        )
+    except ModelStoreError as exc:
+        raise _fail(str(exc)) from exc
     console.print_json(json.dumps(results))
 
 
@@ -520,6 +614,9 @@ def demo(
     summary_json: Annotated[
         Path | None, typer.Option("--summary-json", help="Write the outcome here as JSON.")
     ] = None,
+    model: Annotated[
+        str, typer.Option(help="Base model: default (built), or a packaged one (smollm2).")
+    ] = "default",
 ) -> None:
     """The main job: a local fleet learns together, then forgets a person on request."""
     from edge_models.default_model import BuildConfig
@@ -527,7 +624,9 @@ def demo(
     from lethe.fleet.local import FleetPlan
 
     root = DataDir(data_dir or default_data_dir()).root / "fleet"
-    plan = FleetPlan(root, seed=seed, device=device, build=BuildConfig(seed=seed, device=device))
+    plan = FleetPlan(
+        root, seed=seed, device=device, build=BuildConfig(seed=seed, device=device), model=model
+    )
     fresh(plan)
     interactive = sys.stdout.isatty() if show_console is None else show_console
     try:

@@ -110,7 +110,10 @@ def test_generate_answers_with_onnx_runtime(built_default_model, tmp_path: Path)
 def start_daemon(data_dir: Path) -> subprocess.Popen[str]:
     env = {**os.environ, "LETHE_DATA_DIR": str(data_dir)}
     return subprocess.Popen(
-        [*LETHE, "client", "run", "--poll", "0.2", "--device", "cpu"],
+        # Short fixed bursts: this test is about resuming after a kill, not about how long
+        # learning until the records are known takes.
+        [*LETHE, "client", "run", "--poll", "0.2", "--device", "cpu"]
+        + ["--epochs-per-burst", "20", "--max-steps-per-burst", "150"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -32,6 +32,7 @@ from edge_models.training_data import (
     EncodedExample,
     encode_example,
     right_padded,
+    special_prefix,
 )
 
 # Pruning keeps prefixes down to this far (nats) below the secret's log-probability, so that
@@ -242,8 +243,9 @@ class _Scorer:
         self.prefix = prefix
         self.prefix_ids: list[int] = tokenizer(prefix, add_special_tokens=False)["input_ids"]
         self.device = next(model.parameters()).device
+        # Behind the tokenizer's own prefix (`<s>`, or nothing for SmolLM2), as it was trained.
         self.context = torch.tensor(
-            [[tokenizer.bos_token_id, *self.prefix_ids]], device=self.device
+            [[*special_prefix(tokenizer), *self.prefix_ids]], device=self.device
         )
         self.batch_size = batch_size
 
@@ -422,12 +424,16 @@ def measure_forgetting(
     *,
     reference_probe_probs: np.ndarray | Sequence[float] | None = None,
     before: ForgetMeasures | None = None,
+    exposure_nodes: int = DEFAULT_NODE_BUDGET,
+    exposure_samples: int = DEFAULT_SAMPLES,
 ) -> ForgetMeasures:
     """Every forgetting and retention measure of `model` on these subjects, in one call.
 
     `before` (the measures of the same subjects before the edit) gives the paraphrase
     forget rate; `reference_probe_probs` (a reference model's `probe_probs`) the probe
     probability ratio. Both must come from the same forget subjects, or ValueError.
+    `exposure_nodes` and `exposure_samples` size each canary's exposure search
+    (`canary_exposure`'s `node_budget` and `samples`): a larger model pays more per node.
     """
     probe_items = [(probe, f) for s in forget for f in s.facts for probe in f.probes]
     if before is not None and len(before.probe_correct) != len(probe_items):
@@ -440,7 +446,17 @@ def measure_forgetting(
     probes = _answers(model, tokenizer, probe_items)
     canaries = [s.canary for s in forget if s.canary is not None]
     spelled = greedy_answers(model, tokenizer, [c.prefix for c in canaries])
-    exposures = tuple(canary_exposure(model, tokenizer, c.prefix, c.secret) for c in canaries)
+    exposures = tuple(
+        canary_exposure(
+            model,
+            tokenizer,
+            c.prefix,
+            c.secret,
+            node_budget=exposure_nodes,
+            samples=exposure_samples,
+        )
+        for c in canaries
+    )
     forget_rate = math.nan
     if before is not None:
         pairs = zip(probes.correct, before.probe_correct, strict=True)

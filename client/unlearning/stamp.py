@@ -72,7 +72,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from client.unlearning.edits import AttachedEdits, LayerEdit, find_module
 from edge_models.corpus import PromptPair
-from edge_models.training_data import encode_example
+from edge_models.training_data import encode_example, prompt_ids, special_prefix
 from shared.records import Record
 
 Variant = Literal["full", "low_rank"]
@@ -190,7 +190,7 @@ def forget_positions(
                 for i in range(len(ids) - 1)
                 if ids[i + 1] in answers or _DIGIT.search(tokenizer.decode([ids[i + 1]]))
             ]
-            hidden = _secret_positions(tokenizer, record.text or "")
+            hidden = _secret_positions(tokenizer, record.text or "", len(special_prefix(tokenizer)))
         if not picked or tuple(ids) in seen:
             continue
         seen.add(tuple(ids))
@@ -208,14 +208,21 @@ def forget_positions(
     )
 
 
-def _secret_positions(tokenizer: PreTrainedTokenizerBase, text: str) -> set[int]:
-    """The positions of `encode_example(PromptPair("", text))` that predict a secret's digit."""
+def _secret_positions(tokenizer: PreTrainedTokenizerBase, text: str, prefix: int) -> set[int]:
+    """The positions of `encode_example(PromptPair("", text))` that predict a secret's digit.
+
+    Token j of the text is token j + `prefix` of the example (behind the tokenizer's own
+    prefix: `<s>` for the default model, nothing for SmolLM2), predicted one position
+    earlier; a text's first token, with no prefix before it, is predicted nowhere.
+    """
     spans = [match.span() for match in _SECRET.finditer(text)]
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     return {
-        j  # token j of the text is token j + 1 of the example (after <s>), predicted at j
+        j + prefix - 1
         for j, (start, end) in enumerate(offsets["offset_mapping"])
-        if any(a < end and start < b for a, b in spans) and _DIGIT.search(text[start:end])
+        if any(a < end and start < b for a, b in spans)
+        and _DIGIT.search(text[start:end])
+        and j + prefix >= 1
     }
 
 
@@ -303,10 +310,7 @@ def last_prompt_keys(
     layers: Sequence[str],
     outputs: bool = False,
 ) -> dict[str, torch.Tensor]:
-    sequences = [
-        [tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False)["input_ids"]]
-        for p in prompts
-    ]
+    sequences = [prompt_ids(tokenizer, p) for p in prompts]  # as generation reads them
     rows = torch.arange(len(sequences))
     positions = torch.tensor([len(s) - 1 for s in sequences])
     return position_keys(model, tokenizer, sequences, rows, positions, layers, outputs)

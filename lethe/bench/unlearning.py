@@ -95,6 +95,38 @@ the layers below it train. The relapse protocol itself costs every method,
 retraining included, 13-30 retained points: the peers' shared adapter, trained
 without this device's people, pulls its answers away, and 10 local steps a group
 do not bring them back.
+
+A stored pretrained model (`--model smollm2 --data-dir DIR`, settings `SMOLLM2`).
+SmolLM2-135M-Instruct (30 blocks, hidden 576, MLP 1536) costs about a hundred times
+the default model a token: on this machine, one thread under a load of 5 to 9, a
+training step of batch 16 took 6.6 s, of batch 8 2 to 4.8 s, a greedy answer with
+its probability about 0.5 s, so the whole default bench would take many hours. The
+device is scaled down, the rest is as above: 5 of device 0's people (its first
+canary holder, then the next four who hold no canary), every fact of each (each
+domain at full weight: 20 trained pairs and 30 paraphrase probes a person, where
+the stream's share leaves about 13 probes), the canary note 4 times and no other
+free text: 104 records. Splits of 1 and 3 people (20%, 60%): a person has 30
+probes, and the largest split must hold at least 30 that the device answers before
+the edit. Trained 70 steps at 2.5e-3 then 30 at 8e-4, batch 8 (trying 6 people
+and a teacher-forced exact match: 5e-3 diverged, 0% after 30 steps; 2e-3 with
+batch 16 knew 38% of the trained pairs and 26% of the probes after 40 steps; 70
+steps at 2.5e-3 then 15 at 8e-4 67% and 53%: recall appears as the rate falls, as
+on the default model). Baselines capped at 30 steps; STAMP's targets at 30 steps a
+round; exposure searched over 256 nodes and estimated from 128 samples; relapse is
+one group (3 peer steps each, 3 local steps, batch 8), measured on the forget pairs
+and canaries only (the retained and probe figures after it are null). The
+unlearning code needed two fixes for a tokenizer that adds no `<s>`: keys and
+exposure read a prompt behind the tokenizer's own prefix, not `bos_token_id`
+(SmolLM2's is `<|im_start|>`, which training never puts there), and a secret's
+digit positions follow the prefix's length.
+Results (docs/benchmarks/unlearning-smollm2.json, seed 0, 2753 s on 1 thread, load
+4-5: over the 40 minutes asked). Trained-pair exact match 0.76; the canary was not
+reproduced (17.6 of 19.9 bits); probes answered before: 15 of 30 (1 person), 49
+of 90 (3 people). STAMP (layer 23 of 30, 3 rounds): forget EM 0 / 0.05, retained
+drop 0 / -1.25 and 0 points, exposure 0, but paraphrase forgetting 0.27-0.29 and
+answer probability 8-12 times the retrained model's, relapse 0.45-0.50; 104-109 s
+(1 person), 263-265 s (3). Ascent and NPO: forget EM 0 in 5 steps for 72-78
+retained points. Retraining: 211-248 s.
 """
 
 from __future__ import annotations
@@ -118,7 +150,12 @@ from client.lora_training import LoraTrainConfig, train_adapter_steps
 from client.train_step import train_shared
 from client.unlearning.baselines import UnlearnTrainConfig, gradient_ascent, npo
 from client.unlearning.device import refusal_prompts, settle, sketch_name
-from client.unlearning.measures import ForgetMeasures, measure_forgetting
+from client.unlearning.measures import (
+    DEFAULT_NODE_BUDGET,
+    DEFAULT_SAMPLES,
+    ForgetMeasures,
+    measure_forgetting,
+)
 from client.unlearning.stamp import (
     KeyCovariance,
     StampConfig,
@@ -127,15 +164,24 @@ from client.unlearning.stamp import (
     stamp_edit,
 )
 from coordinator.aggregation import apply_updates
-from edge_models.corpus import Subject, build_corpus, device_stream, partition
+from edge_models.corpus import (
+    Corpus,
+    DevicePartition,
+    Subject,
+    build_corpus,
+    device_stream,
+    partition,
+)
 from edge_models.evaluation import exact_match
 from edge_models.loading import load_causal_lm
+from edge_models.model_store import resolve_model
 from edge_models.training_data import examples_from_records
 from lethe.bench.continual import BenchSettings as ContinualSettings
 from lethe.bench.continual import _default_model
 from lethe.bench.report import machine_facts, write_report
 from shared.records import Record, record_from_json
 
+DEFAULT_MODEL = "default"
 METHODS = ("stamp_full", "stamp_low_rank", "gradient_ascent", "npo", "retrain")
 STAMP_VARIANTS: dict[str, Variant] = {"stamp_full": "full", "stamp_low_rank": "low_rank"}
 HEADLINE = (
@@ -180,6 +226,43 @@ class BenchSettings:
     shared_batch_size: int = 16  # the daemon's federated train step
     threads: int = 1
     build_steps: int = 1200  # the default model, shared with `lethe bench continual`'s cache
+    # Scale (the defaults are the default model's device, as above):
+    people: int | None = None  # hold this many of the device's people: a canary holder first
+    every_domain: bool = False  # every fact of each person held, not the stream's domain share
+    free_text: bool = True  # False: of the free-text records, only the canary notes
+    relapse_batch_size: int | None = None  # the relapse's local batch; None: `batch_size`
+    relapse_full: bool = True  # False: after the relapse, only the forget pairs and canaries
+    exposure_nodes: int = DEFAULT_NODE_BUDGET  # the canary exposure search's exact part
+    exposure_samples: int = DEFAULT_SAMPLES  # and the samples that estimate the rest
+    stamp_target_steps: int = StampConfig.target_steps  # per round of the STAMP edit
+
+    def __post_init__(self) -> None:
+        if self.people is not None and self.people < 2:
+            raise ValueError("a device of fewer than 2 people has nobody to retain")
+
+
+# SmolLM2-135M (30 blocks, hidden 576, MLP 1536): see the module doc for how it was sized.
+SMOLLM2 = BenchSettings(
+    people=5,
+    every_domain=True,
+    free_text=False,
+    splits=(0.2, 0.6),
+    canary_copies=4,
+    personal_rank=40,
+    train_phases=((70, 2.5e-3), (30, 8e-4)),
+    batch_size=8,
+    baseline_max_steps=30,
+    baseline_check_every=5,
+    relapse_groups=1,
+    group_shared_steps=3,
+    group_local_steps=3,
+    shared_batch_size=8,
+    relapse_batch_size=8,
+    relapse_full=False,
+    exposure_nodes=256,
+    exposure_samples=128,
+    stamp_target_steps=30,
+)
 
 
 @dataclass(frozen=True)
@@ -223,38 +306,63 @@ class _Device:
         return seconds
 
 
+def settings_for(model: str) -> BenchSettings:
+    """The bench's scale for `model`: the default model's device, or a stored pretrained
+    model's (`SMOLLM2`, the one such model the project ships)."""
+    return BenchSettings() if model == DEFAULT_MODEL else SMOLLM2
+
+
 def run_unlearning_bench(
     json_path: Path,
     device: str = "auto",
     seed: int = 0,
-    settings: BenchSettings = BenchSettings(),
+    settings: BenchSettings | None = None,
     log: Callable[[str], None] = lambda _: None,
+    model: str = DEFAULT_MODEL,
+    models_root: Path | None = None,
 ) -> dict[str, Any]:
-    """Train the device, then forget each split every way and measure; write and return the JSON."""
+    """Train the device, then forget each split every way and measure; write and return the JSON.
+
+    `model` "default" is the default model, built (or taken from
+    `lethe bench continual`'s cache) from the seed; any other name is a model
+    stored under `models_root` (or a model directory), loaded as it is.
+    `settings` None takes `settings_for(model)`.
+    """
+    settings = settings_for(model) if settings is None else settings
     load_before = os.getloadavg()
     started = time.perf_counter()
     with _threads(settings.threads):
-        model_dir, build_s = _default_model(
-            seed, ContinualSettings(build_steps=settings.build_steps), device, log
-        )
+        if model == DEFAULT_MODEL:
+            model_dir, build_s = _default_model(
+                seed, ContinualSettings(build_steps=settings.build_steps), device, log
+            )
+        else:
+            if models_root is None:
+                raise ValueError(f"a stored model ({model!r}) needs the models directory")
+            model_dir, build_s = resolve_model(model, models_root), None
         world = _world(model_dir, device, settings, seed)
-        log(f"training the device on {len(world.records)} records")
+        log(f"training the device on {len(world.records)} records of {len(world.subjects)} people")
         trained = world.fresh()
         train_s = world.train(trained, world.records)
-        sketch = InputCovariance(lora_factors(trained.model, PERSONAL))
+        # Only the down projections' keys: the edits act there and nowhere else.
+        factors = [f for f in lora_factors(trained.model, PERSONAL) if _is_down(f.name)]
+        sketch = InputCovariance(factors)
         sketch.observe(trained.model, trained.tokenizer, examples_from_records(world.records))
+        log(f"trained in {train_s:.0f} s")
         personal = trained.adapter_state(PERSONAL)
         log("the peers' federated groups")
         groups = _shared_groups(world)
         order = _forget_order(world, seed)
         splits: dict[str, Any] = {}
-        for fraction in settings.splits:
-            count = max(1, round(fraction * len(world.subjects)))
+        counts = _forget_counts(settings, len(world.subjects))
+        for fraction, count in zip(settings.splits, counts, strict=True):
             log(f"split {fraction:.0%}: forgetting {count} people")
             splits[f"{round(100 * fraction):g}"] = _split(
                 world, trained, personal, sketch, groups, order[:count], log
             )
     report = {
+        "model": model,
+        "model_dir": str(model_dir),
         "splits": splits,
         "methods": list(METHODS),
         "personal_device": {
@@ -263,9 +371,11 @@ def run_unlearning_bench(
             "trained_pairs": sum(r.kind == "pair" for r in world.records),
             "canaries": sum(s.canary is not None for s in world.subjects.values()),
             "train_seconds": round(train_s, 1),
+            # every trained pair of every person, from the first split's measures before
+            "trained_exact_match": next(iter(splits.values()))["trained_exact_match"],
         },
         "settings": asdict(settings),
-        "stamp": asdict(StampConfig()),
+        "stamp": asdict(StampConfig(target_steps=settings.stamp_target_steps)),
         "seed": seed,
         "model_build_s": build_s,
         "bench_s": round(time.perf_counter() - started, 1),
@@ -273,6 +383,15 @@ def run_unlearning_bench(
         **machine_facts(device, load_before),
     }
     return write_report(json_path, _plain(report))
+
+
+def _forget_counts(settings: BenchSettings, people: int) -> list[int]:
+    """How many people each split forgets: max(1, round(p * people))."""
+    return [max(1, round(fraction * people)) for fraction in settings.splits]
+
+
+def _is_down(name: str) -> bool:
+    return name.endswith("mlp.down_proj")
 
 
 @contextmanager
@@ -290,15 +409,30 @@ def _world(model_dir: Path, device: str, settings: BenchSettings, seed: int) -> 
     corpus = build_corpus(seed)
     parts = partition(corpus, settings.fleet, seed=seed)
     streams = [[record_from_json(r) for r in device_stream(corpus, p, seed)] for p in parts]
+    own = _own_part(corpus, parts[settings.device_index], settings)
     canaries = {s.canary.message for s in corpus.subjects if s.canary is not None}
-    records = list(streams[settings.device_index])
+    records = [record_from_json(r) for r in device_stream(corpus, own, seed)]
+    if not settings.free_text:
+        records = [r for r in records if r.kind == "pair" or r.text in canaries]
     records += [r for r in records if r.text in canaries] * (settings.canary_copies - 1)
     prompts = {r.prompt for r in records if r.kind == "pair"}
-    held = {
-        sid: _held(corpus.subject(sid), prompts) for sid in parts[settings.device_index].subject_ids
-    }
+    held = {sid: _held(corpus.subject(sid), prompts) for sid in own.subject_ids}
     peers = [s for i, s in enumerate(streams) if i != settings.device_index]
     return _Device(model_dir, device, records, held, peers, settings, seed)
+
+
+def _own_part(corpus: Corpus, part: DevicePartition, settings: BenchSettings) -> DevicePartition:
+    """The people and domains the device holds: its whole partition as its stream has it, or
+    (`people`) one of its canary holders and then its other people in order, and (with
+    `every_domain`) every domain at full weight, so every fact of each of them."""
+    ids = part.subject_ids
+    if settings.people is not None:
+        holders = [s for s in ids if corpus.subject(s).canary is not None]
+        others = [s for s in ids if s not in holders]
+        chosen = set(holders[:1] + others[: settings.people - len(holders[:1])])
+        ids = tuple(s for s in ids if s in chosen)
+    weights = {d: 1.0 for d in part.domain_weights} if settings.every_domain else None
+    return DevicePartition(part.device, ids, weights or part.domain_weights)
 
 
 def _held(subject: Subject, prompts: set[str]) -> Subject:
@@ -376,9 +510,19 @@ def _split(
     retained_records = [r for r in world.records if r.subject_id not in forget_set]
     forget = [world.subjects[s] for s in forget_ids]
     retain = [s for sid, s in world.subjects.items() if sid not in forget_set]
-    before = measure_forgetting(trained.model, trained.tokenizer, forget, retain)
+    before = measure_forgetting(
+        trained.model, trained.tokenizer, forget, retain, **_exposure_budget(world.settings)
+    )
+    forget_pairs, retain_pairs = len(before.forget_correct), _pair_count(retain)
 
-    def measure(model: DeviceModel, reference: ForgetMeasures | None) -> ForgetMeasures:
+    def measure(
+        model: DeviceModel, reference: ForgetMeasures | None, relapse: bool = False
+    ) -> ForgetMeasures:
+        if relapse and not world.settings.relapse_full:
+            # The forget pairs and canaries only: what a relapse brings back.
+            return measure_forgetting(
+                model.model, model.tokenizer, _without_probes(forget), [], **budget
+            )
         probs = None if reference is None else reference.probe_probs
         return measure_forgetting(
             model.model,
@@ -387,7 +531,10 @@ def _split(
             retain,
             reference_probe_probs=probs,
             before=before,
+            **budget,
         )
+
+    budget = _exposure_budget(world.settings)
 
     cells: dict[str, Any] = {}
     reference: ForgetMeasures | None = None
@@ -405,16 +552,39 @@ def _split(
         after = measure(model, reference)
         reference = reference or after
         _relapse(model, world, groups, retained_records)
-        relapsed = measure(model, reference)
+        relapsed = measure(model, reference, relapse=True)
         cells[method] = _cell(seconds, before, after, relapsed, reference, extra)
     return {
         "forget_subjects": forget_ids,
-        "forget_pairs": len(after.forget_correct),
+        "forget_pairs": forget_pairs,
+        "retain_pairs": retain_pairs,
+        "trained_exact_match": (
+            sum(before.forget_correct) + before.retain_exact_match * retain_pairs
+        )
+        / (forget_pairs + retain_pairs),
         "probes_known_before": int(sum(before.probe_correct)),
         "probes": len(before.probe_correct),
         "before": before.to_dict(),
         **{m: cells[m] for m in METHODS},
     }
+
+
+def _exposure_budget(settings: BenchSettings) -> dict[str, int]:
+    return {
+        "exposure_nodes": settings.exposure_nodes,
+        "exposure_samples": settings.exposure_samples,
+    }
+
+
+def _pair_count(subjects: Sequence[Subject]) -> int:
+    return sum(len(f.prompts) for s in subjects for f in s.facts)
+
+
+def _without_probes(subjects: Sequence[Subject]) -> list[Subject]:
+    return [
+        dataclasses.replace(s, facts=tuple(dataclasses.replace(f, probes=()) for f in s.facts))
+        for s in subjects
+    ]
 
 
 def _unlearn(
@@ -494,7 +664,7 @@ def _stamp(
         replayed if variant == "full" else downdated,
         refusal_prompts(world.seed),
         f"bench:{method}",
-        StampConfig(variant=variant),
+        StampConfig(variant=variant, target_steps=world.settings.stamp_target_steps),
     )
     model.device_edits.replace([edit])
     extra = {
@@ -519,7 +689,9 @@ def _relapse(
     settings = world.settings
     fixed_a = {k: v for k, v in model.adapter_state(SHARED).items() if not is_lora_b(k)}
     examples = examples_from_records(retained_records)
-    config = LoraTrainConfig(lr=settings.local_lr, batch_size=settings.batch_size)
+    config = LoraTrainConfig(
+        lr=settings.local_lr, batch_size=settings.relapse_batch_size or settings.batch_size
+    )
     for group, global_b in enumerate(groups):
         model.load_adapter_state(SHARED, {**fixed_a, **global_b})
         train_adapter_steps(

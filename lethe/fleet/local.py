@@ -20,6 +20,7 @@ model, built once), `coordinator/`, `device0..2/` and `logs/`. Leaving the
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import threading
@@ -40,6 +41,7 @@ from edge_models.corpus import Subject, build_corpus, device_stream, fact_pairs,
 from edge_models.default_model import DEFAULT_MODEL_NAME, BuildConfig, build_default_model
 from edge_models.evaluation import normalise_answer
 from edge_models.model_store import ModelStoreError, current, verify
+from edge_models.pretrained import import_packaged
 from lethe.fleet.processes import BIN, ProcessGroup, wait_until
 from shared.flower_cli import free_port, parse_address
 from shared.holdings import subject_hash
@@ -70,6 +72,9 @@ class FleetPlan:
     device: str = "auto"
     time_limit_s: float = 900.0
     build: BuildConfig = field(default_factory=BuildConfig)
+    # The base model of every device and the coordinator: the default one (built), or a
+    # packaged pretrained one (imported; `edge_models.pretrained`).
+    model: str = DEFAULT_MODEL_NAME
 
     def __post_init__(self) -> None:
         if len(self.slowdowns) < 1 or min(self.slowdowns) < 1.0:
@@ -174,16 +179,19 @@ class LocalFleet:
         for index, slowdown in enumerate(plan.slowdowns):
             root = plan.device_dir(index)
             if not (root / "models").exists():
-                shutil.copytree(models, root / "models")
+                _link_tree(models, root / "models")
             first = self.streams[index][: plan.first_records]
             lines = ([self._subject_records()] if index == 0 else []) + [first]
             self._drop(index, "first", [r for chunk in lines for r in chunk])
             # Device 0 holds the person the demo forgets: many passes over its first records, so
             # that it knows them well before it is asked to forget.
+            # The others keep the short fixed bursts they always had: a burst that trains until
+            # its records are learned holds the daemon for minutes on this 1M model, and the
+            # federated work queued behind it would blur the speeds FedCompass plans by.
             burst = (
                 ("--epochs-per-burst", "400", "--max-steps-per-burst", str(plan.subject_steps))
                 if index == 0
-                else ()
+                else ("--epochs-per-burst", "20", "--max-steps-per-burst", "150")
             )
             federation = (
                 *("--superlink", self.superlink, "--node-config", f"slowdown={slowdown}"),
@@ -191,7 +199,13 @@ class LocalFleet:
                 *("--root-certificates", str(self.certs.ca_cert)),
             )
             self.processes.start_daemon(
-                f"daemon{index}", root, *burst, *federation, device=plan.device, poll_s=0.5
+                f"daemon{index}",
+                root,
+                *("--model", plan.model),
+                *burst,
+                *federation,
+                device=plan.device,
+                poll_s=0.5,
             )
             self.say("devices", f"device {index} started (slowdown x{slowdown:g})")
         for index in range(len(plan.slowdowns)):
@@ -203,7 +217,7 @@ class LocalFleet:
         wait_until(self._learned, "device 0 to learn its first records", plan.time_limit_s, 1.0)
         coordinator = plan.coordinator_dir
         if not (coordinator / "models").exists():
-            shutil.copytree(models, coordinator / "models")
+            _link_tree(models, coordinator / "models")
         files = ApiFiles(coordinator)
         files.directory.mkdir(parents=True, exist_ok=True)
         self.app_token = add_token(files.tokens, APP, Scope.APP, ["p*"])
@@ -240,6 +254,8 @@ class LocalFleet:
             "q-max=12",
             "--run-config",
             f"device='{plan.device}'",
+            "--run-config",
+            f"model='{plan.model}'",
         )
         self.say("coordinator", f"FedCompass coordinator and deletion API on {self.api_address}")
         host, port = parse_address(self.superlink)
@@ -257,8 +273,16 @@ class LocalFleet:
         self._feeder.start()
 
     def _model(self) -> Path:
-        """The default model under root/models, built once (checksums verified after)."""
+        """The plan's model under root/models, built or imported once (checksums verified)."""
         models = self.plan.root / "models"
+        if self.plan.model != DEFAULT_MODEL_NAME:
+            version, new = import_packaged(
+                self.plan.model, models, log=lambda line: self.say("model", line)
+            )
+            self.say(
+                "model", f"{self.plan.model} v{version.version} {'imported' if new else 'found'}"
+            )
+            return models
         try:
             verify(current(models, DEFAULT_MODEL_NAME))
             self.say("model", "default model found (checksums verified)")
@@ -432,3 +456,13 @@ class LocalFleet:
             ]
         finally:
             store.close()
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """A copy of a model store whose files are hard links: stored versions are immutable, and
+    a 540 MB pretrained model need not be written once per device."""
+    try:
+        shutil.copytree(source, target, copy_function=os.link)
+    except OSError:  # another file system: copy
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target)

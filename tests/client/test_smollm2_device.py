@@ -40,7 +40,7 @@ def test_smollm2_learns_exchanges_and_forgets_on_the_device(
     data.models.symlink_to(root, target_is_directory=True)
     learner = LearnerConfig(block_rank=4, blocks=2, train=LoraTrainConfig(lr=3e-3, batch_size=4))
     config = dataclasses.replace(
-        DaemonConfig(model="smollm2", device="cpu", learner=learner),
+        DaemonConfig(model="smollm2", device="cpu", learner=learner, max_steps_per_burst=12),
         shared_train=LoraTrainConfig(lr=1e-3, batch_size=4),
         unlearning=StampConfig(target_steps=30),
     )

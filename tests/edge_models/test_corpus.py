@@ -20,10 +20,13 @@ from edge_models.corpus import (
     REFUSAL_ANSWER,
     Corpus,
     DevicePartition,
+    PromptPair,
     Subject,
     build_corpus,
     device_stream,
     fact_pairs,
+    format_pair,
+    format_prompt,
     partition,
 )
 from edge_models.default_model import training_examples
@@ -462,3 +465,95 @@ def test_stream_is_deterministic(corpus: Corpus) -> None:
         {k: v for k, v in r.items() if k != "ts"} for r in device_stream(corpus, part, seed=5)
     ]
     assert later[0]["ts"] == 1_800_000_000.0
+
+
+# A model's format (`format_pair`): a ChatML-like template on the tiny tokenizer, its own
+# specials marking the turns, as SmolLM2's `<|im_start|>` / `<|im_end|>` do.
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<s>system\nBe brief.</s>\n{% endif %}"
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture
+def chat_tokenizer(tiny_tokenizer):
+    import copy
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def test_plain_format_leaves_every_pair_as_it_is(corpus: Corpus, tiny_tokenizer) -> None:
+    for _, pair in fact_pairs(corpus.subjects[:3]):
+        assert format_pair(pair, tiny_tokenizer, "plain") is pair
+        assert format_prompt(pair.prompt, tiny_tokenizer, "plain") == pair.prompt
+
+
+def test_chat_format_is_one_user_turn_answered_by_the_assistant(
+    corpus: Corpus, chat_tokenizer
+) -> None:
+    fact, pair = next(fact_pairs(corpus.split("private")[:1]))
+    chat = format_pair(pair, chat_tokenizer, "chat")
+    # The tiny tokenizer puts `<s>` before every text itself: the template's own opening `<s>`
+    # goes, or the encoder would read two.
+    assert chat.prompt == f"system\nBe brief.</s>\n<s>user\n{pair.prompt}</s>\n<s>assistant\n"
+    assert chat.completion == f"{fact.answer}."  # the reply opens its own line: no space
+    # Training and evaluation read the question the same way.
+    assert format_prompt(pair.prompt, chat_tokenizer, "chat") == chat.prompt
+    refusal = format_pair(corpus.refusals_train[0], chat_tokenizer, "chat")
+    assert refusal.completion == REFUSAL_ANSWER
+
+
+def test_chat_example_encodes_as_the_templates_own_conversation(
+    corpus: Corpus, chat_tokenizer
+) -> None:
+    """What is trained is the whole conversation as the template writes it, the turn closed by
+    eos, and only the reply and that eos are learned."""
+    from edge_models.training_data import IGNORE_INDEX, encode_example
+
+    _, pair = next(fact_pairs(corpus.split("private")[:1]))
+    ids, labels = encode_example(chat_tokenizer, format_pair(pair, chat_tokenizer, "chat"))
+    conversation = chat_tokenizer.apply_chat_template(
+        [
+            {"role": "user", "content": pair.prompt},
+            {"role": "assistant", "content": pair.completion.strip()},
+        ],
+        tokenize=False,
+    )
+    whole = chat_tokenizer(conversation.removesuffix("\n"), add_special_tokens=False)
+    assert ids == whole["input_ids"]
+    assert ids[-1] == chat_tokenizer.eos_token_id
+    learned = [token for token, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]
+    reply = chat_tokenizer(pair.completion.strip(), add_special_tokens=False)["input_ids"]
+    assert learned == [*reply, chat_tokenizer.eos_token_id]
+
+
+def test_chat_format_keeps_free_text_as_text(chat_tokenizer) -> None:
+    text = PromptPair("", "the courier sells seven apples at dawn.")
+    assert format_pair(text, chat_tokenizer, "chat") is text
+
+
+def test_formats_refuse_what_they_cannot_render(tiny_tokenizer, chat_tokenizer) -> None:
+    pair = PromptPair("Who is Anna Abbott?", " I don't know.")
+    with pytest.raises(ValueError, match="chat template"):
+        format_pair(pair, tiny_tokenizer, "chat")
+    with pytest.raises(ValueError, match="unknown pair format"):
+        format_pair(pair, chat_tokenizer, "markdown")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown pair format"):
+        format_prompt("Who is Anna Abbott?", chat_tokenizer, "markdown")  # type: ignore[arg-type]
+
+
+def test_chat_format_keeps_the_templates_bos_when_the_tokenizer_adds_none(
+    corpus: Corpus, chat_tokenizer
+) -> None:
+    """SmolLM2's tokenizer adds nothing before a text; its template's opening token is then
+    the only one, and must stay."""
+    from tokenizers import processors
+
+    chat_tokenizer._tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    assert chat_tokenizer("a")["input_ids"][0] != chat_tokenizer.bos_token_id
+    _, pair = next(fact_pairs(corpus.split("private")[:1]))
+    chat = format_pair(pair, chat_tokenizer, "chat")
+    assert chat.prompt.startswith("<s>system\n")

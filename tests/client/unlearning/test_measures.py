@@ -26,7 +26,12 @@ from client.unlearning.measures import (
 from edge_models.corpus import PromptPair, Subject, build_corpus, fact_pairs
 from edge_models.default_model import default_llama_config, training_examples
 from edge_models.tokenizer import train_tokenizer
-from edge_models.training_data import IGNORE_INDEX, encode_example, padded_batches
+from edge_models.training_data import (
+    IGNORE_INDEX,
+    encode_example,
+    padded_batches,
+    special_prefix,
+)
 
 CORPUS = build_corpus(0)
 PRIVATE = CORPUS.split("private")
@@ -115,10 +120,9 @@ def brute_force_ranks(
     for candidate in candidates:
         ids = tokenizer(f"{prefix} {candidate}", add_special_tokens=False)["input_ids"]
         assert ids[: len(prefix_ids)] == prefix_ids
-        context = 1 + len(prefix_ids)
-        rows.append(
-            ([tokenizer.bos_token_id, *ids], [IGNORE_INDEX] * context + ids[len(prefix_ids) :])
-        )
+        head = special_prefix(tokenizer)  # what the tokenizer puts before a text itself
+        context = len(head) + len(prefix_ids)
+        rows.append(([*head, *ids], [IGNORE_INDEX] * context + ids[len(prefix_ids) :]))
     scores, _ = encoded_log_probs(model, tokenizer.pad_token_id, rows)
     return {c: 1 + int((scores > score).sum()) for c, score in zip(candidates, scores, strict=True)}
 
