@@ -24,7 +24,7 @@ import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ from client.inbox import InboxResult, process_inbox
 from client.inference import Completion, SamplingParams
 from client.learner import ContinualLearner, LearnerConfig, LearnerState
 from client.learning_rule import LearningRule
-from client.lora_training import LoraTrainConfig
+from client.lora_training import LoraTrainConfig, tokens_within
 from client.record_store import RecordStore
 from client.serving import ServedModel, ServedWeights, current_export, ensure_export
 from client.train_step import SharedUpdate, train_shared
@@ -93,6 +93,9 @@ class DaemonConfig:
     adapters: AdapterConfig = AdapterConfig()
     unlearning: StampConfig = StampConfig()
     shared_train: LoraTrainConfig = field(default_factory=lambda: LoraTrainConfig(batch_size=16))
+    # What one training step's activations may hold: batches are run in chunks of rows that fit
+    # (`tokens_within`; the step is the same). A train config's own max_batch_tokens wins.
+    training_memory_mb: float = 512.0
     # What generation serves: the checked fp32 export, or a weight-only quantised copy of it
     # (smaller and faster, answers a little differently: `lethe bench inference` measures it).
     served_weights: ServedWeights = "float32"
@@ -102,6 +105,8 @@ class DaemonConfig:
             raise ValueError("poll_s and epochs_per_burst must be positive")
         if min(self.max_burst_records, self.max_steps_per_burst, self.records_per_block) < 1:
             raise ValueError("burst sizes and records_per_block must be at least 1")
+        if not self.training_memory_mb > 0:
+            raise ValueError(f"training_memory_mb must be positive, got {self.training_memory_mb}")
 
 
 @dataclass(frozen=True)
@@ -185,6 +190,12 @@ class DeviceDaemon:
                 f"cannot load model {config.model!r}: {error}. Build the default one with "
                 "`lethe model build`, or pass a model directory"
             ) from error
+        tokens = tokens_within(loaded.model.config, config.training_memory_mb)
+        self.config = config = replace(
+            config,
+            learner=replace(config.learner, train=_bounded(config.learner.train, tokens)),
+            shared_train=_bounded(config.shared_train, tokens),
+        )
         layout_rank = config.learner.layout.rank
         adapters = AdapterConfig(
             rank=config.adapters.rank,
@@ -596,3 +607,8 @@ def _saved_edits(extra: Mapping[str, torch.Tensor], prefix: str) -> list[LayerEd
     return edits_from_arrays(
         {k.removeprefix(prefix): v.numpy() for k, v in extra.items() if k.startswith(prefix)}
     )
+
+
+def _bounded(train: LoraTrainConfig, tokens: int) -> LoraTrainConfig:
+    """`train` with `tokens` as its chunk bound, unless it sets one of its own."""
+    return train if train.max_batch_tokens is not None else replace(train, max_batch_tokens=tokens)

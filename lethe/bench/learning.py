@@ -45,7 +45,6 @@ from typing import Any
 from client.daemon import BurstReport, DaemonConfig, DeviceDaemon
 from client.inference import SamplingParams
 from edge_models.evaluation import normalise_answer
-from edge_models.model_store import resolve_model
 from lethe.bench.report import machine_facts, write_report
 from shared.paths import DataDir
 
@@ -146,8 +145,8 @@ def _drop(inbox: Path, records: Sequence[dict[str, Any]]) -> None:
 
 def run_learning_bench(
     json_path: Path | None,
-    model: str = "default",
-    models_root: Path | None = None,
+    model_dir: Path,
+    model: str,
     device: str = "cpu",
     people: int | None = None,
     config: DaemonConfig | None = None,
@@ -156,15 +155,12 @@ def run_learning_bench(
 ) -> dict[str, Any]:
     """Ingest the set into a fresh daemon, train until it is idle, ask everything; write JSON.
 
-    `model` is a stored model name (found under `models_root`) or a model
-    directory; `config` replaces the daemon's defaults (its `model` and
-    `device` are set here).
+    `model_dir` is the model to learn with (`model` names it in the JSON);
+    `config` replaces the daemon's defaults (its `model` and `device` are set
+    here).
     """
     load_before = os.getloadavg()
     data_set = load_written_apart(people=people)
-    model_dir = resolve_model(model, models_root) if models_root is not None else Path(model)
-    if models_root is None and not model_dir.is_dir():
-        raise ValueError(f"{model!r} is not a model directory; pass models_root for a name")
     config = replace(config or DaemonConfig(), model=str(model_dir), device=device)
     with tempfile.TemporaryDirectory(dir=workdir) as root:
         data = DataDir(Path(root))

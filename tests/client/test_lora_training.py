@@ -13,6 +13,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from client.lora_training import (
     LoraTrainConfig,
     adapter_parameters,
+    tokens_within,
     train_adapter_steps,
 )
 from edge_models.corpus import PromptPair
@@ -159,3 +160,41 @@ def test_bad_calls_are_refused(tiny_llama, tiny_tokenizer) -> None:
         LoraTrainConfig(lr=0)
     with pytest.raises(ValueError, match="batch_size"):
         LoraTrainConfig(batch_size=0)
+
+
+@pytest.mark.parametrize("max_tokens", [1, 20])
+def test_a_batch_run_in_chunks_takes_the_same_step_as_the_whole_batch(
+    tiny_llama, tiny_tokenizer, max_tokens: int
+) -> None:
+    """One row per chunk (max_tokens 1) and several rows per chunk: the gradient is the
+    whole batch's, so the adapters agree to float rounding."""
+    whole = two_adapters(tiny_llama)
+    chunked = copy.deepcopy(whole)
+    config = LoraTrainConfig(lr=1e-2, batch_size=len(EXAMPLES))
+    first = train_adapter_steps(whole, "new", EXAMPLES, 3, config, 0, tokenizer=tiny_tokenizer)
+    bounded = LoraTrainConfig(lr=1e-2, batch_size=len(EXAMPLES), max_batch_tokens=max_tokens)
+    second = train_adapter_steps(chunked, "new", EXAMPLES, 3, bounded, 0, tokenizer=tiny_tokenizer)
+    assert second.mean_loss == pytest.approx(first.mean_loss, rel=1e-5)
+    assert (second.samples, second.tokens) == (first.samples, first.tokens)
+    a, b = adapter_parameters(whole, "new"), adapter_parameters(chunked, "new")
+    assert not all(torch.equal(a[key], torch.zeros_like(a[key])) for key in a if "lora_B" in key)
+    for key in a:
+        # Adam divides by the gradient's own size, so rounding in near-zero coordinates shows.
+        assert torch.allclose(a[key], b[key], atol=1e-4), key
+
+
+def test_the_chunk_bound_follows_the_models_size(tiny_llama) -> None:
+    from transformers import AutoConfig
+
+    assert tokens_within(tiny_llama.config, 512) > 5_000  # the default model's shape
+    smollm2_shape = AutoConfig.for_model(
+        "llama",
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        vocab_size=49152,
+    )
+    # Calibrated there: 768 tokens took 2.8 GB.
+    assert 120 < tokens_within(smollm2_shape, 512) < 200
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        LoraTrainConfig(max_batch_tokens=0)

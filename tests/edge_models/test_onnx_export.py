@@ -101,6 +101,21 @@ def test_fused_graph_has_few_nodes_per_layer(tiny_llama: LlamaForCausalLM, llama
     assert {"GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization"} <= ops
 
 
+def test_fused_graph_keeps_its_weights_in_a_side_file(
+    tiny_llama: LlamaForCausalLM, llama_export: Path
+) -> None:
+    """Written one by one (never all in memory at once): the graph holds none of them."""
+    weights = 4 * sum(p.numel() for p in tiny_llama.parameters())
+    graph = onnx.load(str(llama_export / MODEL_FILE), load_external_data=False)
+    assert (llama_export / MODEL_FILE).stat().st_size < weights / 20
+    assert (llama_export / f"{MODEL_FILE}.data").stat().st_size >= weights
+    assert all(
+        t.data_location == onnx.TensorProto.EXTERNAL
+        for t in graph.graph.initializer
+        if t.name == "embed_tokens" or t.name.startswith("linear_")
+    )
+
+
 def test_export_leaves_the_model_unchanged(tiny_llama: LlamaForCausalLM, tmp_path: Path) -> None:
     before = {name: tensor.clone() for name, tensor in tiny_llama.state_dict().items()}
     export_causal_lm(tiny_llama, tmp_path)
